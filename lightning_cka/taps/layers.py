@@ -1,0 +1,154 @@
+"""Choosing which modules of a model to monitor."""
+
+import difflib
+import fnmatch
+from collections.abc import Sequence
+
+from torch import nn
+
+from lightning_cka.taps.unwrap import unwrap_model
+
+LayerSpec = str | Sequence[str]
+
+
+def find_layers(model: nn.Module, spec: LayerSpec = "auto") -> list[str]:
+    """Ordered names of the modules to monitor.
+
+    ``"auto"`` finds the residual blocks of the first submodule (in module order, the model itself first) whose
+    structure it recognizes:
+
+    ========================================  ===============================  ==============================
+    family                                    recognized by                    layers
+    ========================================  ===============================  ==============================
+    ConvNeXt, Swin and other stage models     ``stages`` / ``layers`` of       ``stages.i.blocks.j``
+                                              stages that have ``blocks``
+    EfficientNet, MobileNet                   ``blocks`` of ``Sequential``     ``blocks.i.j``
+    ViT, DeiT and other ``.blocks`` models    ``blocks`` of blocks             ``blocks.i``
+    ResNet style (timm and torchvision)       ``layer1``, ``layer2``, ...      ``layer1.0`` ... ``layer4.2``
+    anything else                             the largest ``Sequential`` /     its children
+                                              ``ModuleList`` (2+ children)
+    no container at all                       leaf modules with parameters     those leaves
+    ========================================  ===============================  ==============================
+
+    Otherwise ``spec`` is a name or glob pattern, or a list of them. Patterns match dot-separated name segments:
+    ``*`` matches within one segment (``"blocks.*"`` gives ``blocks.0``, ``blocks.1``, ... but not
+    ``blocks.0.attn``), ``**`` matches any number of segments, ``?`` and ``[...]`` as in :mod:`fnmatch`. A name or
+    pattern may leave out leading segments: ``"blocks.*.mlp.fc1"`` also matches ``model.blocks.3.mlp.fc1`` inside a
+    LightningModule. An exact name must then resolve to one module. Each entry contributes its matches in module
+    order, entries in the order given, without duplicates.
+
+    Wrappers (``DistributedDataParallel``, ``DataParallel``, ``torch.compile``) are looked through, so names never
+    carry ``module.`` or ``_orig_mod.``.
+
+    Args:
+        model: the model.
+        spec: ``"auto"``, or names / glob patterns.
+
+    Returns:
+        Module names as in ``model.named_modules()``.
+
+    Raises:
+        ValueError: an entry matches no module (the message lists the closest names) or an exact name is ambiguous.
+
+    Example:
+        >>> import timm
+        >>> from lightning_cka import find_layers
+        >>> find_layers(timm.create_model("test_resnet"))
+        ['layer1.0', 'layer2.0', 'layer3.0', 'layer4.0']
+        >>> find_layers(timm.create_model("test_vit"), ["blocks.[0-2].attn", "blocks.5.mlp.fc?"])
+        ['blocks.0.attn', 'blocks.1.attn', 'blocks.2.attn', 'blocks.5.mlp.fc1', 'blocks.5.mlp.fc2']
+
+    """
+    model = unwrap_model(model)
+    if isinstance(spec, str) and spec == "auto":
+        return _auto_layers(model)
+    entries = [spec] if isinstance(spec, str) else list(spec)
+    if not entries:
+        raise ValueError("layers must be 'auto' or a non-empty list of module names / glob patterns, got [].")
+    names = [name for name, _ in model.named_modules() if name]
+    found: dict[str, None] = {}
+    for entry in entries:
+        for name in _resolve(entry, names):
+            found.setdefault(name, None)
+    return list(found)
+
+
+def _resolve(entry: str, names: list[str]) -> list[str]:
+    if not isinstance(entry, str) or not entry:
+        raise ValueError(f"layer names and patterns must be non-empty strings, got {entry!r}.")
+    if entry in names:
+        return [entry]
+    pattern = ["**", *entry.split(".")]
+    matches = [name for name in names if _match_segments(pattern, name.split("."))]
+    if not matches:
+        close = difflib.get_close_matches(entry, names, n=5, cutoff=0.5) or names[:5]
+        raise ValueError(f"no module matches {entry!r}. Closest module names: {', '.join(close)}.")
+    if not _is_glob(entry) and len(matches) > 1:
+        raise ValueError(f"{entry!r} could mean any of {', '.join(matches)}: give the full name.")
+    return matches
+
+
+def _is_glob(entry: str) -> bool:
+    return any(c in entry for c in "*?[")
+
+
+def _match_segments(pattern: list[str], name: list[str]) -> bool:
+    if not pattern:
+        return not name
+    head, rest = pattern[0], pattern[1:]
+    if head == "**":
+        return any(_match_segments(rest, name[i:]) for i in range(len(name) + 1))
+    return bool(name) and fnmatch.fnmatchcase(name[0], head) and _match_segments(rest, name[1:])
+
+
+def _auto_layers(model: nn.Module) -> list[str]:
+    for prefix, module in model.named_modules():
+        found = _family_layers(module)
+        if found:
+            return [f"{prefix}.{name}" if prefix else name for name in found]
+    return _fallback_layers(model)
+
+
+def _family_layers(module: nn.Module) -> list[str]:
+    for stages_attr in ("stages", "layers"):
+        stages = getattr(module, stages_attr, None)
+        if _is_container(stages) and all(_is_container(getattr(s, "blocks", None)) for s in stages):
+            return [
+                f"{stages_attr}.{i}.blocks.{j}"
+                for i, stage in stages.named_children()
+                for j in _child_names(stage.blocks)
+            ]
+    blocks = getattr(module, "blocks", None)
+    if _is_container(blocks):
+        if all(_is_container(b) for b in blocks):
+            return [f"blocks.{i}.{j}" for i, stage in blocks.named_children() for j in _child_names(stage)]
+        return [f"blocks.{i}" for i in _child_names(blocks)]
+    resnet_stages = []
+    while _is_container(getattr(module, f"layer{len(resnet_stages) + 1}", None)):
+        resnet_stages.append(getattr(module, f"layer{len(resnet_stages) + 1}"))
+    return [f"layer{i + 1}.{j}" for i, stage in enumerate(resnet_stages) for j in _child_names(stage)]
+
+
+def _fallback_layers(model: nn.Module) -> list[str]:
+    best_name, best = None, None
+    for name, module in model.named_modules():
+        if _is_container(module) and len(module) >= 2 and (best is None or len(module) > len(best)):
+            best_name, best = name, module
+    if best is not None:
+        return [f"{best_name}.{i}" if best_name else i for i in _child_names(best)]
+    leaves = [
+        name
+        for name, module in model.named_modules()
+        if name and not list(module.children()) and any(True for _ in module.parameters(recurse=False))
+    ]
+    if not leaves:
+        raise ValueError(f"found no layers to monitor in {type(model).__name__}: pass layer names explicitly.")
+    return leaves
+
+
+def _child_names(module: nn.Module) -> list[str]:
+    return [name for name, _ in module.named_children()]
+
+
+def _is_container(module: object) -> bool:
+    return isinstance(module, nn.Sequential | nn.ModuleList) and len(module) > 0
