@@ -45,7 +45,7 @@ def find_layers(model: nn.Module, spec: LayerSpec = "auto") -> list[str]:
         spec: ``"auto"``, or names / glob patterns.
 
     Returns:
-        Module names as in ``model.named_modules()``.
+        Module names as in ``model.named_modules()`` (without ``_orig_mod.`` segments of compiled submodules).
 
     Raises:
         ValueError: an entry matches no module (the message lists the closest names) or an exact name is ambiguous.
@@ -65,12 +65,24 @@ def find_layers(model: nn.Module, spec: LayerSpec = "auto") -> list[str]:
     entries = [spec] if isinstance(spec, str) else list(spec)
     if not entries:
         raise ValueError("layers must be 'auto' or a non-empty list of module names / glob patterns, got [].")
-    names = [name for name, _ in model.named_modules() if name]
+    names = [name for name in named_modules(model) if name]
     found: dict[str, None] = {}
     for entry in entries:
         for name in _resolve(entry, names):
             found.setdefault(name, None)
     return list(found)
+
+
+def named_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """``model.named_modules()`` as a dict, looking through wrappers.
+
+    The ``_orig_mod`` segment of a ``torch.compile``d submodule is left out of the names and the compiled wrapper is
+    replaced by the module it wraps, whose hooks fire when the wrapper runs eagerly.
+    """
+    modules: dict[str, nn.Module] = {}
+    for name, module in unwrap_model(model).named_modules():
+        modules[".".join(part for part in name.split(".") if part != "_orig_mod")] = module
+    return modules
 
 
 def _resolve(entry: str, names: list[str]) -> list[str]:
@@ -102,7 +114,7 @@ def _match_segments(pattern: list[str], name: list[str]) -> bool:
 
 
 def _auto_layers(model: nn.Module) -> list[str]:
-    for prefix, module in model.named_modules():
+    for prefix, module in named_modules(model).items():
         found = _family_layers(module)
         if found:
             return [f"{prefix}.{name}" if prefix else name for name in found]
@@ -131,14 +143,14 @@ def _family_layers(module: nn.Module) -> list[str]:
 
 def _fallback_layers(model: nn.Module) -> list[str]:
     best_name, best = None, None
-    for name, module in model.named_modules():
+    for name, module in named_modules(model).items():
         if _is_container(module) and len(module) >= 2 and (best is None or len(module) > len(best)):
             best_name, best = name, module
     if best is not None:
         return [f"{best_name}.{i}" if best_name else i for i in _child_names(best)]
     leaves = [
         name
-        for name, module in model.named_modules()
+        for name, module in named_modules(model).items()
         if name and not list(module.children()) and any(True for _ in module.parameters(recurse=False))
     ]
     if not leaves:
@@ -152,3 +164,21 @@ def _child_names(module: nn.Module) -> list[str]:
 
 def _is_container(module: object) -> bool:
     return isinstance(module, nn.Sequential | nn.ModuleList) and len(module) > 0
+
+
+def display_names(model: nn.Module, names: list[str]) -> list[str]:
+    """Layer names without the attribute path that leads to the network holding them.
+
+    ``model.blocks.0`` inside a LightningModule becomes ``blocks.0``: the path is followed down from the root while a
+    single child that is not a ``Sequential`` / ``ModuleList`` holds every layer, and only that path is removed.
+    """
+    model = unwrap_model(model)
+    children = dict(model.named_children())
+    heads = {name.split(".", 1)[0] for name in names}
+    if len(heads) != 1 or not all("." in name for name in names):
+        return list(names)
+    head = heads.pop()
+    child = children.get(head)
+    if child is None or isinstance(child, nn.Sequential | nn.ModuleList):
+        return list(names)
+    return display_names(child, [name.split(".", 1)[1] for name in names])

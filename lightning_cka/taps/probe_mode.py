@@ -22,28 +22,27 @@ def probe_mode(*models: nn.Module) -> Iterator[None]:
       compilation are otherwise ignored (pytorch#117758). The training forward keeps its compiled graph.
     """
     flags = [(module, module.training) for model in models for module in model.modules()]
-    rng = _capture_rng()
     try:
         for model in models:
             model.eval()
-        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+        with preserved_rng(), torch.no_grad(), torch.compiler.set_stance("force_eager"):
             yield
     finally:
         for module, training in flags:
             module.training = training
-        _restore_rng(rng)
 
 
-def _capture_rng() -> dict:
+@contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Restore the torch (CPU and initialized CUDA devices), NumPy and Python RNG states on exit."""
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _restore_rng(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    try:
+        yield
+    finally:
+        torch.set_rng_state(state["torch"])
+        np.random.set_state(state["numpy"])
+        random.setstate(state["python"])
+        if "cuda" in state:
+            torch.cuda.set_rng_state_all(state["cuda"])

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from lightning_cka.functional.hsic import gram
 from lightning_cka.metrics.attention_distance import MeanAttentionDistance
 from lightning_cka.taps.attention import AttentionTap, PatchGeometry, is_supported_attention, patch_geometry
-from lightning_cka.taps.layers import LayerSpec, find_layers
+from lightning_cka.taps.layers import LayerSpec, find_layers, named_modules
 from lightning_cka.taps.probe_mode import probe_mode
 from lightning_cka.taps.unwrap import model_device, unwrap_model
 
@@ -79,7 +79,7 @@ class Recorder:
         self.model = unwrap_model(model)
         self.layers = find_layers(self.model, layers)
         self.reduction = reduction
-        self._modules = dict(self.model.named_modules())
+        self._modules = named_modules(self.model)
         self._taps = self._attention_taps(attention, renormalize_attention)
         self.attention_layers = [tap.name for tap in self._taps]
         self.attention = self._taps[0].sink if self._taps else None

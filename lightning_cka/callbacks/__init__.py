@@ -1,0 +1,5 @@
+"""Lightning callbacks."""
+
+from lightning_cka.callbacks.cka_monitor import CKAMonitor
+
+__all__ = ["CKAMonitor"]

@@ -1,0 +1,175 @@
+"""What a probe turns into: scalars for every logger, figures for loggers that take images, and ``.npz`` arrays.
+
+Rendering a matplotlib figure takes a tenth of a second or more, so figures and files are produced by one background
+thread on global rank 0; the training thread only hands over small NumPy arrays.
+"""
+
+import time
+import warnings
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lightning_cka.plotting import attention_distance_plot, cka_heatmap, figure_to_array
+from lightning_cka.result import CKAResult
+
+ImageSink = Callable[[str, np.ndarray, int], None]
+
+
+def probe_scalars(result: CKAResult, local_threshold_px: float) -> dict[str, float]:
+    """Headline numbers of one probe, keyed by tag (without the monitor's name prefix).
+
+    Args:
+        result: the probe.
+        local_threshold_px: heads with a mean distance below this many pixels count as local.
+    """
+    scalars: dict[str, float] = {}
+    intra = result.intra
+    if len(result.layers) > 1:
+        scalars["cka/adjacent_mean"] = _nanmean(np.diagonal(intra, offset=1))
+        scalars["cka/offdiag_mean"] = _nanmean(intra[~np.eye(len(intra), dtype=bool)])
+    if result.previous.size:
+        for name, value in zip(result.layers, np.diagonal(result.previous), strict=True):
+            scalars[f"cka_vs_previous/{name}"] = float(value)
+    if result.reference.size:
+        for name, row in zip(result.layers, result.reference, strict=True):
+            finite = np.isfinite(row)
+            best = int(np.argmax(np.where(finite, row, -np.inf))) if finite.any() else -1
+            scalars[f"cka_reference/best_value/{name}"] = float(row[best]) if best >= 0 else float("nan")
+            scalars[f"cka_reference/best_layer/{name}"] = float(best)
+    for name, heads in zip(result.attention_layers, result.mean_attention_distance, strict=True):
+        heads = heads[np.isfinite(heads)]
+        scalars[f"attention/mean_distance/{name}"] = float(heads.mean())
+        scalars[f"attention/min_distance/{name}"] = float(heads.min())
+        scalars[f"attention/local_fraction/{name}"] = float((heads < local_threshold_px).mean())
+    return scalars
+
+
+def probe_figures(result: CKAResult, previous: CKAResult | None, local_threshold_px: float) -> dict[str, np.ndarray]:
+    """Rendered ``(H, W, 3)`` uint8 images of one probe, keyed by tag (without the monitor's name prefix)."""
+    step = f"step {result.step}"
+    images = {}
+    fig, _ = cka_heatmap(result.intra, result.layers, result.layers, title=f"CKA within the model, {step}")
+    images["cka/intra"] = figure_to_array(fig)
+    if result.reference.size:
+        fig, _ = cka_heatmap(
+            result.reference,
+            result.layers,
+            result.reference_layers,
+            title=f"CKA with the reference, {step}",
+            row_label="model layer",
+            col_label="reference layer",
+        )
+        images["cka/reference"] = figure_to_array(fig)
+    if previous is not None:
+        fig, _ = cka_heatmap(
+            result.intra - previous.intra,
+            result.layers,
+            result.layers,
+            title=f"change of CKA within the model, step {previous.step} to {result.step}",
+            vmin=-0.5,
+            vmax=0.5,
+            cmap="RdBu_r",
+            colorbar_label="ΔCKA",
+        )
+        images["cka/intra_change"] = figure_to_array(fig)
+    if result.mean_attention_distance.size:
+        fig, ax = attention_distance_plot(
+            result.mean_attention_distance,
+            result.attention_layers,
+            title=f"mean attention distance per head, {step}",
+            local_threshold=local_threshold_px,
+        )
+        top = np.nanmax(result.mean_attention_distance)
+        ax.set_ylim(0, max(top, 2 * local_threshold_px) * 1.1)
+        images["attention/mean_distance"] = figure_to_array(fig)
+    return images
+
+
+def image_sinks(loggers: list[Any]) -> tuple[list[ImageSink], list[str]]:
+    """A writer function for each logger that can take images, and the class names of those that cannot."""
+    sinks: list[ImageSink] = []
+    skipped = []
+    for logger in loggers:
+        experiment = getattr(logger, "experiment", None)
+        if hasattr(experiment, "add_image"):  # TensorBoard's SummaryWriter
+            sinks.append(_tensorboard_sink(experiment))
+        elif callable(getattr(logger, "log_image", None)):  # W&B and other loggers with an image API
+            sinks.append(lambda tag, image, step, logger=logger: logger.log_image(key=tag, images=[image], step=step))
+        else:
+            skipped.append(type(logger).__name__)
+    return sinks, skipped
+
+
+def _tensorboard_sink(writer: Any) -> ImageSink:
+    def write(tag: str, image: np.ndarray, step: int) -> None:
+        writer.add_image(tag, image, global_step=step, dataformats="HWC")
+        writer.flush()
+
+    return write
+
+
+class BackgroundWriter:
+    """One worker thread that renders figures and writes images and ``.npz`` files in submission order.
+
+    Failures are collected and re-raised as warnings on the training thread (:meth:`report`), never raised there.
+    """
+
+    def __init__(self) -> None:
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: list[Future] = []
+        self.render_seconds: list[float] = []
+
+    def submit(self, fn: Callable[..., float], *args: Any) -> None:
+        """Run ``fn(*args)`` on the worker; ``fn`` returns the seconds it spent."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightning-cka-writer")
+        self.report()
+        self._pending.append(self._executor.submit(fn, *args))
+
+    def report(self) -> None:
+        """Warn about finished jobs that failed; keep the unfinished ones."""
+        still_running = []
+        for future in self._pending:
+            if not future.done():
+                still_running.append(future)
+            elif future.exception() is not None:
+                err = future.exception()
+                warnings.warn(f"CKAMonitor could not write a probe's images or arrays: {err!r}", stacklevel=2)
+            else:
+                self.render_seconds.append(future.result())
+        self._pending = still_running
+
+    def close(self) -> None:
+        """Wait for every submitted job, then stop the thread."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        self.report()
+
+
+def write_probe(
+    result: CKAResult,
+    previous: CKAResult | None,
+    local_threshold_px: float,
+    sinks: list[ImageSink],
+    tag_prefix: str,
+    array_path: Path | None,
+) -> float:
+    """Render and write one probe (runs on the writer thread); returns the seconds spent."""
+    start = time.perf_counter()
+    if array_path is not None:
+        result.save(array_path)
+    if sinks:
+        for tag, image in probe_figures(result, previous, local_threshold_px).items():
+            for sink in sinks:
+                sink(tag_prefix + tag, image, result.step)
+    return time.perf_counter() - start
+
+
+def _nanmean(values: np.ndarray) -> float:
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else float("nan")

@@ -1,0 +1,101 @@
+"""Building a frozen reference model from a timm name, a weights file or a Lightning checkpoint."""
+
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+
+def load_reference(
+    reference: nn.Module | str,
+    weights: str | Path | None = None,
+    pretrained: bool = False,
+    model_kwargs: dict[str, Any] | None = None,
+) -> nn.Module:
+    """A reference model in eval mode with gradients off.
+
+    Args:
+        reference: an ``nn.Module`` (used as is), or a timm model name created with ``timm.create_model`` (no download
+            unless ``pretrained``).
+        weights: a file holding a plain state dict, a ``{"state_dict": ...}`` / ``{"model": ...}`` checkpoint, or a
+            Lightning checkpoint of another run. Keys may carry a prefix (``model.`` from a LightningModule attribute,
+            ``module.`` from DDP, ``_orig_mod.`` from ``torch.compile``); it is found and removed.
+        pretrained: let timm download its pretrained weights (needs internet).
+        model_kwargs: keyword arguments for ``timm.create_model`` (``num_classes``, ``img_size``, ``patch_size``...).
+
+    Returns:
+        The frozen model.
+
+    Raises:
+        ValueError: unknown timm name, or a weights file that does not fit the model (the message names missing and
+            unexpected keys).
+    """
+    if isinstance(reference, str):
+        if not timm.is_model(reference):
+            raise ValueError(f"{reference!r} is not a timm model name; see timm.list_models().")
+        model = timm.create_model(reference, pretrained=pretrained, **(model_kwargs or {}))
+    elif isinstance(reference, nn.Module):
+        if model_kwargs or pretrained:
+            raise ValueError("reference_kwargs and reference_pretrained only apply to a timm model name.")
+        model = reference
+    else:
+        raise TypeError(f"reference must be an nn.Module or a timm model name, got {type(reference).__name__}.")
+    if weights is not None:
+        model.load_state_dict(_matching_state_dict(model, _read_state_dict(Path(weights))))
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"reference weights file {path} does not exist.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(
+            f"could not read {path} as tensors only ({err.__class__.__name__}: {err}). Save the weights with "
+            "torch.save(model.state_dict(), path) and pass that file."
+        ) from err
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
+            checkpoint = checkpoint[key]
+            break
+    if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise ValueError(f"{path} holds no state dict (a mapping of parameter names to tensors).")
+    return checkpoint
+
+
+def _matching_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The entries of ``state`` under the prefix that matches most of the model's own keys, with the prefix removed."""
+    own = set(model.state_dict())
+    counts: dict[str, int] = {}
+    for key in state:
+        parts = key.split(".")
+        for i in range(len(parts)):
+            if ".".join(parts[i:]) in own:
+                prefix = "".join(f"{part}." for part in parts[:i])
+                counts[prefix] = counts.get(prefix, 0) + 1
+                break
+    prefix = max(counts, key=lambda p: (counts[p], -len(p)), default="")
+    matched = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+    own_shapes = {name: tuple(value.shape) for name, value in model.state_dict().items()}
+    missing, unexpected = sorted(own - set(matched)), sorted(set(matched) - own)
+    reshaped = [
+        f"{name} {tuple(value.shape)} vs {own_shapes[name]}"
+        for name, value in matched.items()
+        if name in own_shapes and tuple(value.shape) != own_shapes[name]
+    ]
+    if missing or unexpected or reshaped:
+        raise ValueError(
+            f"the reference weights do not fit {type(model).__name__} (prefix {prefix!r} removed): "
+            f"missing {_few(missing)}, unexpected {_few(unexpected)}, other shapes (file vs model) {_few(reshaped)}. "
+            "Check the model name and reference_kwargs (num_classes, img_size, patch_size...)."
+        )
+    return matched
+
+
+def _few(items: list[str]) -> str:
+    return f"{items[:3]}{' ...' if len(items) > 3 else ''}"

@@ -1,0 +1,43 @@
+"""Fit a small ViT with CKAMonitor and a ResNet reference on 1 or 2 CPU processes (run as a script by the tests)."""
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytorch_lightning as pl
+from pytorch_lightning.loggers import TensorBoardLogger
+
+sys.path.insert(0, str(Path(__file__).parent))
+from lit_helpers import lightning_module_class, loaders, make_model
+
+from lightning_cka import CKAMonitor
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    pl.seed_everything(0, workers=True)
+    reference = make_model("test_resnet")
+    monitor = CKAMonitor(every_n_train_steps=2, probe_size=40, batch_size=8, reference=reference)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=args.devices,
+        strategy="ddp" if args.devices > 1 else "auto",
+        max_steps=4,
+        logger=TensorBoardLogger(args.out, name="run", version=0),
+        callbacks=[monitor],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        use_distributed_sampler=True,
+    )
+    # lr=0: the weights stay put, so every probe of the two runs must agree (DDP training itself is not under test).
+    lit = lightning_module_class(pl.LightningModule)(lr=0.0)
+    train, val = loaders(batch_size=8 // args.devices, shuffle=False)  # same global batch as one process
+    trainer.fit(lit, train, val)
+
+
+if __name__ == "__main__":
+    main()
