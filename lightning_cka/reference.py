@@ -9,7 +9,7 @@ from torch import nn
 
 
 def load_reference(
-    reference: nn.Module | str,
+    reference: nn.Module | str | Path,
     weights: str | Path | None = None,
     pretrained: bool = False,
     model_kwargs: dict[str, Any] | None = None,
@@ -17,8 +17,9 @@ def load_reference(
     """A reference model in eval mode with gradients off.
 
     Args:
-        reference: an ``nn.Module`` (used as is), or a timm model name created with ``timm.create_model`` (no download
-            unless ``pretrained``).
+        reference: an ``nn.Module`` (used as is); a timm model name created with ``timm.create_model`` (no download
+            unless ``pretrained``); or the path of a Lightning checkpoint whose hyperparameters name the architecture
+            as ``timm_name`` (and ``timm_kwargs``), as ``examples/train.py`` saves them.
         weights: a file holding a plain state dict, a ``{"state_dict": ...}`` / ``{"model": ...}`` checkpoint, or a
             Lightning checkpoint of another run. Keys may carry a prefix (``model.`` from a LightningModule attribute,
             ``module.`` from DDP, ``_orig_mod.`` from ``torch.compile``); it is found and removed.
@@ -32,9 +33,16 @@ def load_reference(
         ValueError: unknown timm name, or a weights file that does not fit the model (the message names missing and
             unexpected keys).
     """
+    if isinstance(reference, str | Path) and Path(reference).is_file():
+        if weights is not None:
+            raise ValueError(f"reference {reference} is already a checkpoint; leave reference_weights out.")
+        name, saved_kwargs = _architecture(Path(reference))
+        reference, weights, model_kwargs = name, reference, {**saved_kwargs, **(model_kwargs or {})}
     if isinstance(reference, str):
         if not timm.is_model(reference):
-            raise ValueError(f"{reference!r} is not a timm model name; see timm.list_models().")
+            raise ValueError(
+                f"{reference!r} is neither a file nor a timm model name; see timm.list_models() for the names."
+            )
         model = timm.create_model(reference, pretrained=pretrained, **(model_kwargs or {}))
     elif isinstance(reference, nn.Module):
         if model_kwargs or pretrained:
@@ -49,16 +57,31 @@ def load_reference(
     return model
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def _architecture(path: Path) -> tuple[str, dict[str, Any]]:
+    """The timm name and keyword arguments saved in a checkpoint's hyperparameters."""
+    hparams = _read(path).get("hyper_parameters") or {}
+    if "timm_name" not in hparams:
+        raise ValueError(
+            f"{path} does not say which model it holds (no 'timm_name' hyperparameter): pass the timm model name as "
+            "the reference and this file as its weights."
+        )
+    return hparams["timm_name"], dict(hparams.get("timm_kwargs") or {})
+
+
+def _read(path: Path) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"reference weights file {path} does not exist.")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise ValueError(
             f"could not read {path} as tensors only ({err.__class__.__name__}: {err}). Save the weights with "
             "torch.save(model.state_dict(), path) and pass that file."
         ) from err
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    checkpoint = _read(path)
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
             checkpoint = checkpoint[key]
