@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_cka.callbacks.probe_data import ProbeSource, first_dataloader, sample_probe
+from lightning_cka.callbacks.renderer import ProbeRenderer
 from lightning_cka.callbacks.reporting import BackgroundWriter, image_sinks, probe_scalars, write_probe
 from lightning_cka.data import MIN_BATCH, extract_inputs, fingerprint, minibatch_slices
 from lightning_cka.metrics.attention_distance import MeanAttentionDistance
@@ -192,6 +193,7 @@ class CKAMonitor(*_CALLBACK_BASES):  # type: ignore[misc]
         self._uniform_distance: float | None = None
         self._array_dir: Path | None = None
         self._sinks: list = []
+        self._renderer: ProbeRenderer | None = None  # used on the writer thread only
         self._writer = BackgroundWriter()
 
     @property
@@ -227,7 +229,7 @@ class CKAMonitor(*_CALLBACK_BASES):  # type: ignore[misc]
                 "CKAMonitor needs a logger: pass Trainer(logger=TensorBoardLogger(...)) (or any other logger)."
             )
         self._fit_probes = 0
-        self._previous = self._previous_grams = None
+        self._previous = self._previous_grams = self._renderer = None
         self._uniform_distance = None
         self._layer_names = find_layers(pl_module, self.layers)
         if self.reference is not None:
@@ -350,9 +352,9 @@ class CKAMonitor(*_CALLBACK_BASES):  # type: ignore[misc]
             for logger in trainer.loggers:
                 logger.log_metrics({prefix + tag: value for tag, value in scalars.items()}, step=trainer.global_step)
             array_path = self._array_dir / f"step_{trainer.global_step:07d}.npz" if self._array_dir else None
-            self._writer.submit(
-                write_probe, result, previous, self._local_threshold_px(), self._sinks, prefix, array_path
-            )
+            if self._renderer is None:
+                self._renderer = ProbeRenderer(self._local_threshold_px())
+            self._writer.submit(write_probe, result, previous, self._renderer, self._sinks, prefix, array_path)
 
     def _record(self, trainer: Any, pl_module: Any) -> "_Recording":
         """Forward passes and HSIC sums of this rank's minibatches; no collective calls."""

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_cka.plotting import attention_distance_plot, cka_heatmap, figure_to_array
+from lightning_cka.callbacks.renderer import ProbeRenderer
 from lightning_cka.result import CKAResult
 
 ImageSink = Callable[[str, np.ndarray, int], None]
@@ -46,47 +46,6 @@ def probe_scalars(result: CKAResult, local_threshold_px: float) -> dict[str, flo
         scalars[f"attention/min_distance/{name}"] = float(heads.min())
         scalars[f"attention/local_fraction/{name}"] = float((heads < local_threshold_px).mean())
     return scalars
-
-
-def probe_figures(result: CKAResult, previous: CKAResult | None, local_threshold_px: float) -> dict[str, np.ndarray]:
-    """Rendered ``(H, W, 3)`` uint8 images of one probe, keyed by tag (without the monitor's name prefix)."""
-    step = f"step {result.step}"
-    images = {}
-    fig, _ = cka_heatmap(result.intra, result.layers, result.layers, title=f"CKA within the model, {step}")
-    images["cka/intra"] = figure_to_array(fig)
-    if result.reference.size:
-        fig, _ = cka_heatmap(
-            result.reference,
-            result.layers,
-            result.reference_layers,
-            title=f"CKA with the reference, {step}",
-            row_label="model layer",
-            col_label="reference layer",
-        )
-        images["cka/reference"] = figure_to_array(fig)
-    if previous is not None:
-        fig, _ = cka_heatmap(
-            result.intra - previous.intra,
-            result.layers,
-            result.layers,
-            title=f"change of CKA within the model, step {previous.step} to {result.step}",
-            vmin=-0.5,
-            vmax=0.5,
-            cmap="RdBu_r",
-            colorbar_label="ΔCKA",
-        )
-        images["cka/intra_change"] = figure_to_array(fig)
-    if result.mean_attention_distance.size:
-        fig, ax = attention_distance_plot(
-            result.mean_attention_distance,
-            result.attention_layers,
-            title=f"mean attention distance per head, {step}",
-            local_threshold=local_threshold_px,
-        )
-        top = np.nanmax(result.mean_attention_distance)
-        ax.set_ylim(0, max(top, 2 * local_threshold_px) * 1.1)
-        images["attention/mean_distance"] = figure_to_array(fig)
-    return images
 
 
 def image_sinks(loggers: list[Any]) -> tuple[list[ImageSink], list[str]]:
@@ -154,7 +113,7 @@ class BackgroundWriter:
 def write_probe(
     result: CKAResult,
     previous: CKAResult | None,
-    local_threshold_px: float,
+    renderer: ProbeRenderer,
     sinks: list[ImageSink],
     tag_prefix: str,
     array_path: Path | None,
@@ -164,7 +123,7 @@ def write_probe(
     if array_path is not None:
         result.save(array_path)
     if sinks:
-        for tag, image in probe_figures(result, previous, local_threshold_px).items():
+        for tag, image in renderer.render(result, previous).items():
             for sink in sinks:
                 sink(tag_prefix + tag, image, result.step)
     return time.perf_counter() - start
