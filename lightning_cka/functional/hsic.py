@@ -155,29 +155,39 @@ def _pairwise_hsic(grams: Tensor, unbiased: bool = True) -> Tensor:
 
     """
     num_layers, n, _ = grams.shape
-    # Row sums of the Gram that the centering subtracts; Grams are symmetric, so they are the column sums too.
-    row_sums = grams.sum(dim=2, dtype=torch.float64)  # (L, n)
-    if unbiased:
-        row_sums = row_sums - grams.diagonal(dim1=1, dim2=2).to(torch.float64)
-        row_term = row_sums / (n - 2)
-        total_term = row_sums.sum(dim=1) / ((n - 1) * (n - 2))  # (L,)
-        scale = n * (n - 3)
-    else:
-        row_term = row_sums / n
-        total_term = row_sums.sum(dim=1) / n**2
-        scale = (n - 1) ** 2
-
-    out = grams.new_zeros((num_layers, num_layers), dtype=torch.float64)
     rows_per_block = max(1, _HSIC_BLOCK_BYTES // (num_layers * n * 8))
+    starts = range(0, n, rows_per_block)
+    # One float64 buffer serves every block: fresh block-sized temporaries cost more than the arithmetic.
+    buffer = grams.new_empty(num_layers * min(rows_per_block, n) * n, dtype=torch.float64)
+
+    def block(start: int) -> Tensor:
+        """Rows ``start:start + rows_per_block`` of every Gram as contiguous float64, ``(L, r, n)``."""
+        rows = grams[:, start : start + rows_per_block]
+        return buffer[: rows.numel()].view(rows.shape).copy_(rows)
+
     with torch.autocast(grams.device.type, enabled=False):
-        for start in range(0, n, rows_per_block):
-            stop = min(start + rows_per_block, n)
-            block = grams[:, start:stop].to(torch.float64)  # (L, r, n)
-            block = block - row_term[:, start:stop, None] - row_term[:, None, :] + total_term[:, None, None]
+        # Row sums (also the column sums: Grams are symmetric), a block at a time, since
+        # grams.sum(dtype=torch.float64) would first copy every Gram to float64.
+        row_sums = torch.cat([block(start).sum(dim=2) for start in starts], dim=1)  # (L, n)
+        if unbiased:
+            row_sums -= grams.diagonal(dim1=1, dim2=2).to(torch.float64)
+            row_term = row_sums / (n - 2)
+            total_term = row_sums.sum(dim=1) / ((n - 1) * (n - 2))  # (L,)
+            scale = n * (n - 3)
+        else:
+            row_term = row_sums / n
+            total_term = row_sums.sum(dim=1) / n**2
+            scale = (n - 1) ** 2
+        out = grams.new_zeros((num_layers, num_layers), dtype=torch.float64)
+        for start in starts:
+            centered = block(start)  # (L, r, n)
+            stop = start + centered.shape[1]
+            centered -= row_term[:, start:stop, None] - total_term[:, None, None]  # an (L, r, 1) term, in place
+            centered -= row_term[:, None, :]
             if unbiased:
                 rows = torch.arange(start, stop, device=grams.device)
-                block[:, rows - start, rows] = 0.0
-            flat = block.reshape(num_layers, -1)  # (L, r·n)
+                centered[:, rows - start, rows] = 0.0
+            flat = centered.view(num_layers, -1)  # (L, r·n)
             out.addmm_(flat, flat.T)
     # The product is symmetric up to rounding; mirror the upper triangle so each pair has exactly one value.
     out = out.triu() + out.triu(1).T
