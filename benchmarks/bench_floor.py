@@ -1,0 +1,107 @@
+"""compare_models against its floor: a forward-only pass of the same images through the same models.
+
+The floor runs every minibatch through the ViT and the ResNet under torch.no_grad in eval mode, with the batch size
+compare_models uses; compare_models adds the Gram of every monitored layer, the HSIC of every layer pair (intra ViT,
+ViT x ResNet and intra ResNet) and the mean attention distance of every ViT head.
+"""
+
+import torch
+from common import (
+    MANY_LAYERS,
+    SETTINGS,
+    Workload,
+    build_models,
+    describe,
+    parse,
+    parser,
+    print_table,
+    random_images,
+    round_ratios,
+    save,
+    summary,
+    time_interleaved,
+)
+from torch import Tensor, nn
+
+from lightning_cka import compare_models, find_layers
+
+TARGETS = {"cpu": 1.2, "gpu": 1.10}  # slowdown over the floor, for the default (residual block) layers
+
+
+def forward_only(models: list[nn.Module], images: Tensor, batch_size: int) -> Workload:
+    def call() -> None:
+        with torch.no_grad():
+            for batch in images.split(batch_size):
+                for model in models:
+                    model(batch)
+
+    return lambda: call
+
+
+def probe(vit: nn.Module, resnet: nn.Module, images: Tensor, batch_size: int, **kwargs: object) -> Workload:
+    return lambda: lambda: compare_models(vit, resnet, data=images, batch_size=batch_size, **kwargs)
+
+
+def main() -> None:
+    args = parse(parser(__doc__, repeats=7))
+    setting = SETTINGS[args.preset]
+    vit, resnet = build_models(setting, args.device)
+    images = random_images(setting.num_images, setting.img_size, args.device)
+    batch = setting.batch_size
+    variants = {  # name -> (compare_models kwargs, ViT layer spec)
+        "compare_models": ({}, "auto"),
+        "compare_models, attention=False": ({"attention": False}, "auto"),
+        "compare_models, many layers": ({"layers_a": MANY_LAYERS}, MANY_LAYERS),
+    }
+    workloads = {"forward only": forward_only([vit, resnet], images, batch)}
+    workloads |= {name: probe(vit, resnet, images, batch, **kwargs) for name, (kwargs, _) in variants.items()}
+    print(describe(args.device))
+    times, failures = time_interleaved(workloads, args.repeats, args.device)
+    if failures:
+        raise RuntimeError(f"a workload failed: {failures}")
+
+    floor = times["forward only"]
+    rows = [{"workload": "forward only", "seconds": summary(floor)}]
+    for name, (_, spec) in variants.items():
+        rows.append(
+            {
+                "workload": name,
+                "layers": f"{len(find_layers(vit, spec))} + {len(find_layers(resnet))}",
+                "seconds": summary(times[name]),
+                "ratio": round_ratios(times[name], floor),
+                "target": TARGETS[args.preset] if name == "compare_models" else None,
+            }
+        )
+    for row in rows:
+        ratio = row.get("ratio")
+        row["met"] = None if row.get("target") is None else ("yes" if ratio["median"] <= row["target"] else "NO")
+    path = save("bench_floor", args, rows, setting=setting)
+    flat = [
+        {
+            **row,
+            "seconds": row["seconds"]["median"],
+            "spread": f"{row['seconds']['min']:.2f}-{row['seconds']['max']:.2f}",
+            "ratio": row["ratio"]["median"] if "ratio" in row else None,
+            "ratio_range": f"{row['ratio']['min']:.3f}-{row['ratio']['max']:.3f}" if "ratio" in row else None,
+        }
+        for row in rows
+    ]
+    print_table(
+        f"compare_models vs forward only: {setting.vit} at {setting.img_size} px + {setting.resnet}, "
+        f"{setting.num_images} images, batch {batch}, median of {args.repeats} (written to {path})",
+        flat,
+        [
+            ("workload", "workload", ""),
+            ("layers (ViT + ResNet)", "layers", ""),
+            ("median s", "seconds", ".3f"),
+            ("min-max s", "spread", ""),
+            ("x forward (median of rounds)", "ratio", ".3f"),
+            ("x forward min-max", "ratio_range", ""),
+            ("target", "target", ".2f"),
+            ("met", "met", ""),
+        ],
+    )
+
+
+if __name__ == "__main__":
+    main()

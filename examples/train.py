@@ -1,0 +1,296 @@
+"""Train a timm model on 32 px images with CKAMonitor attached, and watch its representations form in TensorBoard.
+
+    python examples/train.py                   # a small ViT on scikit-learn's digits (offline), about 3 min on a CPU
+    python examples/train.py --model resnet18_cifar --reference none --cka-every 0     # a ResNet to compare with:
+    python examples/train.py --reference runs/resnet18_cifar-digits/version_0/checkpoints/last.ckpt
+
+Every flag is described in docs/examples.md.
+"""
+
+import argparse
+import ast
+import json
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import timm
+import torch
+from classifier import PRESETS, ImageClassifier, timm_spec
+from image_data import DATASETS, cifar10_splits, digits_splits, imagefolder_splits, subsample
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.loggers import TensorBoardLogger
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_cka import CKAMonitor
+from lightning_cka.taps.recorder import REDUCTIONS
+
+DEFAULT_MODEL, DEFAULT_STEPS = "vit_mini_patch4", 300
+
+
+def parse_model_kwargs(items: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings as a dict; values are Python literals (``6``, ``0.1``, ``True``) or else strings."""
+    kwargs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--model-kwargs takes KEY=VALUE pairs such as depth=6, got {item!r}.")
+        try:
+            kwargs[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            kwargs[key] = value
+    return kwargs
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an int >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an int >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a float in (0, 1]."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line options (documented in docs/examples.md)."""
+    parser = argparse.ArgumentParser(
+        description="Train a timm model on 32 px images with lightning-cka's CKAMonitor attached.",
+        epilog="Every flag is described in docs/examples.md.",
+    )
+    data = parser.add_argument_group("model and data")
+    data.add_argument("--model", default=DEFAULT_MODEL, help=f"a preset ({', '.join(PRESETS)}) or any timm model name")
+    data.add_argument(
+        "--model-kwargs", nargs="+", default=[], metavar="KEY=VALUE", help="more timm.create_model kwargs"
+    )
+    data.add_argument("--dataset", choices=DATASETS, default="digits", help="training data (default: digits)")
+    data.add_argument("--data-dir", type=Path, help="dataset folder, for cifar10 and imagefolder")
+    size = data.add_mutually_exclusive_group()
+    size.add_argument("--train-fraction", type=fraction, help="train on this fraction of the training images")
+    size.add_argument("--train-size", type=positive_int, help="train on this many training images")
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--max-steps", type=positive_int, help=f"default: {DEFAULT_STEPS}, or none with --max-epochs")
+    train.add_argument("--max-epochs", type=positive_int, help="stop after this many epochs")
+    train.add_argument("--batch-size", type=positive_int, default=64, help="batch of every split (default: 64)")
+    train.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (default: %(default)s)")
+    train.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default: %(default)s)")
+    train.add_argument(
+        "--warmup-fraction", type=float, default=0.1, help="warmup share of steps (default: %(default)s)"
+    )
+    train.add_argument(
+        "--val-every", type=positive_int, default=50, help="validate every N steps (default: %(default)s)"
+    )
+    train.add_argument("--accelerator", default="auto", help="cpu, gpu, ... (default: %(default)s)")
+    train.add_argument("--devices", default="auto", help="a number, a list such as 0,1, or auto (default: %(default)s)")
+    train.add_argument("--precision", default="32-true", help="32-true, bf16-mixed, 16-mixed (default: %(default)s)")
+    train.add_argument("--num-workers", type=non_negative_int, help="loader workers (default: 0 for digits, else 8)")
+    train.add_argument("--seed", type=int, default=0, help="seeds weights, batch order and subsample (default: 0)")
+    train.add_argument("--out", type=Path, default=Path("runs"), help="root of the logs (default: %(default)s)")
+    train.add_argument("--name", help="run name (default: MODEL-DATASET, with -nSIZE or -fracFRACTION)")
+    train.add_argument("--summary-json", type=Path, help="also write the final summary to this JSON file")
+
+    cka = parser.add_argument_group("CKA monitor")
+    cka.add_argument(
+        "--cka-every", type=non_negative_int, default=25, help="probe every N steps, 0: no monitor (default: 25)"
+    )
+    cka.add_argument(
+        "--probe-size", type=positive_int, default=256, help="validation images in the probe (default: 256)"
+    )
+    cka.add_argument(
+        "--cka-batch-size", type=positive_int, default=128, help="minibatch of the CKA estimator (default: 128)"
+    )
+    cka.add_argument("--layers", action="append", help="layer names or patterns, repeatable or comma-separated")
+    cka.add_argument(
+        "--reduction", choices=REDUCTIONS, default="mean", help="what a layer output becomes (default: mean)"
+    )
+    cka.add_argument(
+        "--reference",
+        default="resnet18_cifar",
+        help="timm name, preset, checkpoint of a run, or none (default: resnet18_cifar)",
+    )
+    cka.add_argument("--reference-weights", help="state dict or checkpoint for a named reference")
+    cka.add_argument(
+        "--reference-reduction", choices=REDUCTIONS, help="reduction of the reference (default: --reduction)"
+    )
+    return parser
+
+
+def run_name(args: argparse.Namespace) -> str:
+    """``MODEL-DATASET`` with ``-nSIZE`` or ``-fracFRACTION`` for a subsampled training set."""
+    name = f"{args.model.replace('/', '_')}-{args.dataset}"
+    if args.train_size is not None:
+        name += f"-n{args.train_size}"
+    elif args.train_fraction is not None and args.train_fraction < 1:
+        name += f"-frac{args.train_fraction:g}"
+    return name
+
+
+def make_monitor(args: argparse.Namespace, num_classes: int) -> CKAMonitor | None:
+    """The CKAMonitor the flags ask for, or None for ``--cka-every 0``."""
+    if args.cka_every == 0:
+        return None
+    reference, reference_kwargs = args.reference, None
+    if reference.lower() == "none":
+        reference = None
+    elif not Path(reference).is_file():
+        reference, reference_kwargs = timm_spec(reference, num_classes)
+    layers = [name for entry in args.layers for name in entry.split(",") if name] if args.layers else "auto"
+    return CKAMonitor(
+        every_n_train_steps=args.cka_every,
+        probe_size=args.probe_size,
+        batch_size=args.cka_batch_size,
+        layers=layers,
+        reduction=args.reduction,
+        reference=reference,
+        reference_weights=args.reference_weights,
+        reference_kwargs=reference_kwargs,
+        reference_reduction=args.reference_reduction,
+    )
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject flag combinations argparse cannot check, naming the fix."""
+    if args.dataset != "digits" and args.data_dir is None:
+        parser.error(f"--dataset {args.dataset} needs --data-dir DIR.")
+    if args.model not in PRESETS and not timm.is_model(args.model):
+        parser.error(f"--model {args.model!r} is neither a preset ({', '.join(PRESETS)}) nor a timm model name.")
+    reference = args.reference
+    known = reference.lower() == "none" or reference in PRESETS or timm.is_model(reference)
+    if not known and not Path(reference).is_file():
+        parser.error(
+            f"--reference {reference!r} is neither an existing checkpoint file, a preset nor a timm model name; "
+            "give none to train without a reference."
+        )
+    if args.reference_weights and not Path(args.reference_weights).is_file():
+        parser.error(f"--reference-weights {args.reference_weights!r}: no such file.")
+    if args.cka_batch_size < 4 or args.probe_size < 4:
+        parser.error("--probe-size and --cka-batch-size must be at least 4 (the unbiased CKA estimator needs 4).")
+    if not 0 <= args.warmup_fraction < 1:
+        parser.error(f"--warmup-fraction must be in [0, 1), got {args.warmup_fraction}.")
+    try:
+        args.model_kwargs = parse_model_kwargs(args.model_kwargs)
+    except ValueError as err:
+        parser.error(str(err))
+
+
+def load_data(args: argparse.Namespace) -> tuple[Dataset, Dataset, Dataset, int]:
+    """Training (subsampled as the flags ask), validation and test splits, and the number of classes."""
+    if args.dataset == "digits":
+        train_set, val_set, test_set, num_classes = digits_splits()
+    elif args.dataset == "cifar10":
+        train_set, val_set, test_set, num_classes = cifar10_splits(args.data_dir)
+    else:
+        train_set, val_set, test_set, num_classes = imagefolder_splits(args.data_dir)
+    return subsample(train_set, args.train_size, args.train_fraction, args.seed), val_set, test_set, num_classes
+
+
+def make_trainer(args: argparse.Namespace, monitor: CKAMonitor | None) -> pl.Trainer:
+    """A Trainer logging to TensorBoard under ``--out/<name>``, saving ``last.ckpt`` and validating by steps."""
+    return pl.Trainer(
+        accelerator=args.accelerator,
+        devices=int(args.devices) if args.devices.isdigit() else args.devices,
+        precision=args.precision,
+        max_steps=args.max_steps or (-1 if args.max_epochs else DEFAULT_STEPS),
+        max_epochs=args.max_epochs,
+        logger=TensorBoardLogger(args.out, name=args.name or run_name(args), default_hp_metric=False),
+        callbacks=[
+            ModelCheckpoint(save_last=True, save_top_k=0),  # only last.ckpt, written when training ends
+            LearningRateMonitor(logging_interval="step"),
+            *([monitor] if monitor else []),
+        ],
+        check_val_every_n_epoch=None,  # validate by steps: a small training set has very short epochs
+        val_check_interval=args.val_every,
+        log_every_n_steps=10,
+        enable_model_summary=False,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Train, test, print a summary and return it.
+
+    Args:
+        argv: command-line arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The summary: ``log_dir``, ``steps``, ``fit_seconds`` (``trainer.fit`` alone), ``test_accuracy``, ...
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    pl.seed_everything(args.seed, workers=True)
+    try:
+        train_set, val_set, test_set, num_classes = load_data(args)
+    except (ImportError, RuntimeError, ValueError) as err:
+        parser.error(str(err))
+    workers = args.num_workers
+    if workers is None:  # digits are tensors in memory: worker processes would only add start-up time
+        workers = 0 if args.dataset == "digits" else min(8, os.cpu_count() or 1)
+
+    def loader(dataset: Dataset, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(args.seed)
+        return DataLoader(
+            dataset, args.batch_size, shuffle, num_workers=workers, persistent_workers=workers > 0, generator=generator
+        )
+
+    timm_name, timm_kwargs = timm_spec(args.model, num_classes, args.model_kwargs)
+    module = ImageClassifier(timm_name, timm_kwargs, args.lr, args.weight_decay, args.warmup_fraction)
+    trainer = make_trainer(args, make_monitor(args, num_classes))
+    with warnings.catch_warnings():
+        # In-memory digits need no loader workers, and Lightning logs every 10 global steps however short the epochs
+        # of a small training set are; its suggestions otherwise would be noise.
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
+        start = time.perf_counter()
+        trainer.fit(module, loader(train_set, True), loader(val_set, False))
+        fit_seconds = time.perf_counter() - start
+        test_metrics = trainer.test(module, loader(test_set, False), verbose=False)[0]
+
+    summary = {
+        "run": trainer.logger.name,
+        "log_dir": str(trainer.logger.log_dir),
+        "checkpoint": str(Path(trainer.logger.log_dir) / "checkpoints" / "last.ckpt"),
+        "model": args.model,
+        "timm_name": timm_name,
+        "timm_kwargs": timm_kwargs,
+        "dataset": args.dataset,
+        "train_size": len(train_set),
+        "steps": trainer.global_step,
+        "fit_seconds": round(fit_seconds, 2),
+        "steps_per_second": round(trainer.global_step / fit_seconds, 3),
+        "test_accuracy": round(float(test_metrics["test/accuracy"]), 4),
+        "cka_every": args.cka_every,
+    }
+    if trainer.is_global_zero:
+        print(
+            f"{summary['log_dir']}: {summary['steps']} steps on {summary['train_size']} images in "
+            f"{summary['fit_seconds']:.1f} s ({summary['steps_per_second']:.2f} steps/s), "
+            f"test accuracy {summary['test_accuracy']:.3f}"
+        )
+        print(f"tensorboard --logdir {summary['log_dir']}")
+        if args.summary_json:
+            args.summary_json.parent.mkdir(parents=True, exist_ok=True)
+            args.summary_json.write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

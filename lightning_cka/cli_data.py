@@ -1,0 +1,331 @@
+"""Reading what the ``lightning-cka`` command line names: runs of probe arrays, models and probe images."""
+
+import functools
+import json
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+import yaml
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Subset
+
+from lightning_cka.data import minibatch_slices
+from lightning_cka.functional import patch_distances
+from lightning_cka.reference import load_reference
+from lightning_cka.result import CKAResult
+from lightning_cka.taps.attention import patch_geometry
+
+NPZ_IMAGE_KEYS = ("x_test", "x", "images")
+
+
+class CLIError(Exception):
+    """A problem with what the command line names; reported as one line on stderr with exit code 2."""
+
+
+@dataclass
+class Run:
+    """The probes of one run.
+
+    Attributes:
+        path: the path given on the command line.
+        folder: the folder holding the ``.npz`` files.
+        probes: the probes by ``step`` (``-1`` for ``lightning-cka analyze``).
+        single_file: the run was given as one ``.npz`` file.
+        local_threshold: heads with a mean attention distance below this many pixels count as local; ``None`` when
+            the patch geometry is unknown.
+    """
+
+    path: Path
+    folder: Path
+    probes: dict[int, CKAResult] = field(default_factory=dict)
+    single_file: bool = False
+    local_threshold: float | None = None
+
+    @property
+    def steps(self) -> list[int]:
+        """The probed steps in increasing order."""
+        return sorted(self.probes)
+
+
+def read_run(path: str | Path, image_size: int | None = None, patch_size: int | None = None) -> Run:
+    """Load every probe of a run directory, its ``cka/`` folder or one ``.npz`` file.
+
+    Args:
+        path: a Lightning log directory holding ``cka/step_<step>.npz``, that ``cka/`` folder (or the folder of a
+            named monitor inside it), or one ``.npz`` file.
+        image_size: input size of the ViT in pixels, to place the local-head threshold (with ``patch_size``).
+        patch_size: patch size in pixels. Without both, the geometry comes from a Lightning ``hparams.yaml`` that
+            names the timm architecture (``timm_name``, ``timm_kwargs``), as ``analyze`` and ``examples/train.py``
+            write it.
+
+    Raises:
+        CLIError: a missing path, no arrays, an unreadable file, or two files for one step.
+    """
+    path = Path(path)
+    files, folder = _probe_files(path)
+    run = Run(path=path, folder=folder, single_file=path.is_file())
+    for file in files:
+        result = _load(file)
+        if result.step in run.probes:
+            raise CLIError(f"{folder} holds two probes of step {result.step}; keep one of them.")
+        run.probes[result.step] = result
+    run.local_threshold = local_threshold(image_size, patch_size) or _hparams_threshold(folder)
+    return run
+
+
+def _probe_files(path: Path) -> tuple[list[Path], Path]:
+    if path.is_file():
+        if path.suffix != ".npz":
+            raise CLIError(f"{path} is not a .npz file of probe arrays.")
+        return [path], path.parent
+    if not path.is_dir():
+        raise CLIError(f"{path} does not exist.")
+    folder = path / "cka" if (path / "cka").is_dir() else path
+    files = sorted(folder.glob("*.npz"))
+    if not files:
+        # Named monitors write cka/<name>/step_*.npz: one of them is unambiguous.
+        named = sorted(p for p in folder.iterdir() if p.is_dir() and any(p.glob("*.npz")))
+        if len(named) == 1:
+            return sorted(named[0].glob("*.npz")), named[0]
+        if named:
+            names = ", ".join(p.name for p in named)
+            raise CLIError(f"{folder} holds the arrays of several named monitors ({names}); pass one of those folders.")
+        raise CLIError(f"{path} holds no probe arrays (CKAMonitor writes them as <log dir>/cka/step_<step>.npz).")
+    return files, folder
+
+
+def _load(file: Path) -> CKAResult:
+    try:
+        return CKAResult.load(file)
+    except (ValueError, OSError, KeyError, zipfile.BadZipFile) as err:
+        raise CLIError(f"cannot read {file} as lightning-cka probe arrays: {err}") from err
+
+
+def local_threshold(image_size: int | None, patch_size: int | None) -> float | None:
+    """Half the mean attention distance of uniform attention over a square patch grid (the callback's default)."""
+    if image_size is None and patch_size is None:
+        return None
+    if image_size is None or patch_size is None:
+        raise CLIError("--image-size and --patch-size go together: both place the local-head threshold.")
+    if image_size < 1 or patch_size < 1 or image_size % patch_size:
+        raise CLIError(f"--image-size {image_size} is not a positive multiple of --patch-size {patch_size}.")
+    return _half_uniform_distance(image_size // patch_size, patch_size)
+
+
+def model_threshold(model: nn.Module) -> float | None:
+    """The local-head threshold of a timm ViT from its ``patch_embed``; ``None`` for other models."""
+    geometry = patch_geometry(model)
+    return None if geometry is None else _half_uniform_distance(geometry.grid_size, geometry.patch_size)
+
+
+def _half_uniform_distance(grid_size: int | tuple[int, int], patch_size: int | tuple[int, int]) -> float:
+    # CKAMonitor's default local_threshold=0.5, as a fraction of the distance of uniform attention over the grid.
+    return 0.5 * float(patch_distances(grid_size, patch_size).mean())
+
+
+def _hparams_threshold(folder: Path) -> float | None:
+    """The threshold of the timm model named in the ``hparams.yaml`` of the run (the folder or up to 2 above)."""
+    found = [d / "hparams.yaml" for d in (folder, *folder.parents[:2]) if (d / "hparams.yaml").is_file()]
+    if not found:
+        return None
+    try:
+        hparams = yaml.safe_load(found[0].read_text())
+    except yaml.YAMLError:  # not ours to judge; the run just gets no threshold
+        return None
+    if not isinstance(hparams, dict):
+        return None
+    name, kwargs = hparams.get("timm_name"), hparams.get("timm_kwargs") or {}
+    if not isinstance(name, str) or not timm.is_model(name) or not isinstance(kwargs, dict):
+        return None
+    return _timm_threshold(name, json.dumps(kwargs, sort_keys=True))
+
+
+@functools.lru_cache
+def _timm_threshold(name: str, kwargs_json: str) -> float | None:
+    """The threshold of a timm architecture, built once per command (two runs usually share it)."""
+    try:
+        with torch.device("meta"):  # only the geometry is needed: no memory, no weights
+            model = timm.create_model(name, **json.loads(kwargs_json))
+    except Exception:  # an architecture that cannot be built from its hyperparameters simply gives no threshold
+        return None
+    return model_threshold(model)
+
+
+def load_model(spec: str, weights: str | None, pretrained: bool, kwargs: dict[str, Any], option: str) -> nn.Module:
+    """A frozen model from a timm name or a Lightning checkpoint whose hyperparameters name it (``timm_name``)."""
+    try:
+        return load_reference(spec, weights, pretrained, kwargs or None)
+    except (ValueError, TypeError, OSError, RuntimeError) as err:
+        raise CLIError(f"{option} {spec}: {err}") from err
+
+
+def input_config(
+    model: nn.Module,
+    image_size: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> tuple[tuple[int, int], Tensor, Tensor]:
+    """Input size ``(H, W)`` and normalization ``(1, 3, 1, 1)`` mean and std for a timm model.
+
+    The size is ``image_size``, else the size a ViT's ``patch_embed`` was built for (``img_size`` in the model's
+    keyword arguments changes it, not its ``pretrained_cfg``), else the ``pretrained_cfg`` input size. Mean and std
+    default to the model's ``pretrained_cfg`` (ImageNet's when it has none).
+    """
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    if image_size is not None:
+        size = (image_size, image_size)
+    elif getattr(getattr(model, "patch_embed", None), "img_size", None) is not None:
+        size = tuple(model.patch_embed.img_size)
+    else:
+        size = tuple(cfg.get("input_size", (3, 224, 224))[-2:])
+    mean = torch.tensor(mean or cfg.get("mean", IMAGENET_DEFAULT_MEAN), dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(std or cfg.get("std", IMAGENET_DEFAULT_STD), dtype=torch.float32).view(1, -1, 1, 1)
+    return (int(size[0]), int(size[1])), mean, std
+
+
+@dataclass
+class Probe:
+    """Probe images as minibatches made on demand, so only one minibatch of full-size images is ever in memory.
+
+    Attributes:
+        batches: an iterable of ``(n, 3, H, W)`` float tensors, resized and normalized.
+        num_examples: images in all minibatches.
+        description: where the images come from, for the report.
+    """
+
+    batches: Any
+    num_examples: int
+    description: str
+
+
+def probe_images(
+    spec: str,
+    num_examples: int,
+    size: tuple[int, int],
+    mean: Tensor,
+    std: Tensor,
+    batch_size: int,
+    seed: int = 0,
+    num_workers: int = 0,
+) -> Probe:
+    """The probe images that ``--data`` names, a seeded random sample of ``num_examples`` of them.
+
+    Args:
+        spec: ``random`` (Gaussian images, already on the normalized scale), ``digits`` (scikit-learn's 8 x 8 digits
+            as grey RGB), a directory of class folders (``torchvision.datasets.ImageFolder``; its ``val/`` or
+            ``test/`` subfolder when there is one), or an ``.npz`` file with uint8 images ``(N, H, W, 3)`` under
+            ``x_test``, ``x`` or ``images``.
+        num_examples: images to use (all of them when the source has fewer).
+        size: ``(H, W)`` the images are resized to (not cropped).
+        mean: per-channel mean subtracted after scaling to ``[0, 1]``, ``(1, 3, 1, 1)``.
+        std: per-channel std divided by, ``(1, 3, 1, 1)``.
+        batch_size: minibatch size (a last minibatch of fewer than 4 joins the one before).
+        seed: seed of the sample.
+        num_workers: DataLoader worker processes decoding an image folder.
+
+    Raises:
+        CLIError: an unknown source, a missing optional dependency, unusable arrays, or fewer than 4 images.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    if spec == "random":
+        slices = _slices(num_examples, batch_size)
+        batches = (torch.randn(s.stop - s.start, 3, *size, generator=generator) for s in slices)
+        return Probe(batches, num_examples, f"{num_examples} Gaussian random images")
+    if spec == "digits":
+        images, what = _digits(), "scikit-learn digits"
+    elif Path(spec).is_dir():
+        return _image_folder(Path(spec), num_examples, size, mean, std, batch_size, generator, num_workers)
+    elif Path(spec).is_file() and spec.endswith(".npz"):
+        images, what = _npz_images(Path(spec)), spec
+    else:
+        raise CLIError(f"--data {spec}: not 'random', 'digits', a directory of class folders or an existing .npz file.")
+    indices = torch.randperm(len(images), generator=generator)[:num_examples]
+    slices = _slices(len(indices), batch_size)
+    batches = (_prepare(images[indices[s].numpy()], size, mean, std) for s in slices)
+    return Probe(batches, len(indices), f"{len(indices)} of the {len(images)} images of {what}")
+
+
+def _slices(num_examples: int, batch_size: int) -> list[slice]:
+    try:
+        return minibatch_slices(num_examples, batch_size)
+    except ValueError as err:  # a source with fewer than 4 images
+        raise CLIError(f"--data: {err}") from err
+
+
+def _digits() -> np.ndarray:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as err:
+        raise CLIError(
+            "--data digits needs scikit-learn: pip install 'lightning-cka[examples]' (or scikit-learn)."
+        ) from err
+    grey = load_digits().images * (255 / 16)  # pixel values 0..16
+    return np.repeat(grey[..., None], 3, axis=-1).round().astype(np.uint8)
+
+
+def _npz_images(path: Path) -> np.ndarray:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            key = next((k for k in NPZ_IMAGE_KEYS if k in data.files), None)
+            if key is None:
+                raise CLIError(f"--data {path} has none of the keys {', '.join(NPZ_IMAGE_KEYS)} (it has {data.files}).")
+            images = data[key]
+    except (ValueError, OSError, zipfile.BadZipFile) as err:
+        raise CLIError(f"--data {path} cannot be read as .npz arrays: {err}") from err
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise CLIError(
+            f"--data {path}: {key} must hold uint8 RGB images (N, H, W, 3), got {images.dtype} {images.shape}."
+        )
+    return images
+
+
+def _prepare(images: np.ndarray, size: tuple[int, int], mean: Tensor, std: Tensor) -> Tensor:
+    """uint8 ``(n, h, w, 3)`` to resized, normalized ``(n, 3, H, W)`` float32."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    if tuple(x.shape[-2:]) != size:
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
+    return (x - mean) / std
+
+
+def _image_folder(
+    root: Path,
+    num_examples: int,
+    size: tuple[int, int],
+    mean: Tensor,
+    std: Tensor,
+    batch_size: int,
+    generator: torch.Generator,
+    num_workers: int,
+) -> Probe:
+    try:
+        from torchvision import transforms
+        from torchvision.datasets import ImageFolder
+    except ImportError as err:
+        raise CLIError(
+            "--data DIRECTORY needs torchvision: pip install 'lightning-cka[examples]' (or torchvision)."
+        ) from err
+    split = next((root / s for s in ("val", "test") if (root / s).is_dir()), root)
+    transform = transforms.Compose(
+        [
+            transforms.Resize(size, antialias=True),
+            transforms.ToTensor(),
+            transforms.Normalize(mean.flatten().tolist(), std.flatten().tolist()),
+        ]
+    )
+    try:
+        folder = ImageFolder(str(split), transform=transform)
+    except OSError as err:
+        raise CLIError(f"--data {split}: {err}") from err
+    indices = torch.randperm(len(folder), generator=generator)[:num_examples].tolist()
+    slices = _slices(len(indices), batch_size)
+    sampler = [list(range(s.start, s.stop)) for s in slices]
+    loader = DataLoader(Subset(folder, indices), batch_sampler=sampler, num_workers=num_workers)
+    return Probe(loader, len(indices), f"{len(indices)} of the {len(folder)} images in {split}")

@@ -1,0 +1,196 @@
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.data import TensorDataset
+
+from lightning_cka.reference import load_reference
+
+EXAMPLES = Path(__file__).parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+train = importlib.import_module("train")
+image_data = importlib.import_module("image_data")
+classifier = importlib.import_module("classifier")
+
+# A tiny ViT (4 x 4 patches of 8 px), 4 steps, a probe at steps 0, 2 and 4: a few seconds per run on CPU.
+TINY = ["--model", "test_vit", "--model-kwargs", "patch_size=8", "--batch-size", "16", "--max-steps", "4"]
+TINY += ["--val-every", "2", "--cka-every", "2", "--probe-size", "16", "--cka-batch-size", "8"]
+# resnet18_cifar with narrow stages, so that the timm kwargs must travel through the checkpoint too.
+NARROW_RESNET = ["--model", "resnet18_cifar", "--model-kwargs", "channels=(8,16,16,16)"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine thread handoffs make runs 10x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(tmp_path, *extra):
+    return train.main([*TINY, "--train-size", "64", "--reference", "test_resnet", "--out", str(tmp_path), *extra])
+
+
+def events(log_dir):
+    acc = EventAccumulator(str(log_dir), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    return acc
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    summary = run(out, "--summary-json", str(out / "summary.json"))
+    return summary, out
+
+
+def test_run_logs_every_documented_tag_and_array(default_run):
+    summary, _ = default_run
+    log_dir = Path(summary["log_dir"])
+    assert sorted(p.name for p in (log_dir / "cka").glob("step_*.npz")) == [f"step_000000{s}.npz" for s in (0, 2, 4)]
+    acc = events(log_dir)
+    images = {"cka/intra", "cka/reference", "cka/intra_change", "attention/mean_distance"}
+    assert images <= set(acc.Tags()["images"])
+    assert [e.step for e in acc.Images("cka/intra")] == [0, 2, 4]
+    scalars = set(acc.Tags()["scalars"])
+    blocks = [f"blocks.{i}" for i in range(6)]
+    expected = {"cka/probe_seconds", "cka/adjacent_mean", "cka/offdiag_mean", "test/accuracy", "val/accuracy"}
+    expected |= {f"cka_vs_previous/{b}" for b in blocks} | {f"cka_reference/best_value/{b}" for b in blocks}
+    expected |= {f"attention/{kind}/{b}.attn" for kind in ("mean_distance", "local_fraction") for b in blocks}
+    assert expected <= scalars, expected - scalars
+    with np.load(log_dir / "cka" / "step_0000004.npz") as arrays:
+        assert arrays["intra"].shape == (6, 6) and arrays["reference"].shape[0] == 6
+
+
+def test_summary_json_and_checkpoint(default_run):
+    summary, out = default_run
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved == summary
+    assert saved["steps"] == 4 and saved["cka_every"] == 2 and saved["train_size"] == 64
+    assert saved["fit_seconds"] > 0 and 0 <= saved["test_accuracy"] <= 1
+    assert saved["log_dir"] == str(out / "test_vit-digits-n64" / "version_0")
+    assert saved["timm_kwargs"] == {"img_size": 32, "num_classes": 10, "patch_size": 8}
+    assert Path(saved["checkpoint"]).is_file()
+
+
+def test_cka_every_zero_adds_no_monitor(tmp_path, monkeypatch):
+    def no_monitor(*args, **kwargs):
+        raise AssertionError("CKAMonitor was created")
+
+    monkeypatch.setattr(train, "CKAMonitor", no_monitor)
+    summary = run(tmp_path, "--cka-every", "0")
+    assert summary["cka_every"] == 0 and summary["steps"] == 4
+    assert not (Path(summary["log_dir"]) / "cka").exists()
+    assert not any(tag.startswith(("cka", "attention")) for tag in events(summary["log_dir"]).Tags()["scalars"])
+
+
+def test_checkpoint_of_one_run_is_the_reference_of_another(tmp_path):
+    resnet = train.main([*TINY, *NARROW_RESNET, "--train-size", "64", "--cka-every", "0", "--out", str(tmp_path)])
+    rebuilt = load_reference(resnet["checkpoint"])
+    assert rebuilt.conv1.stride == (1, 1) and isinstance(rebuilt.maxpool, torch.nn.Identity)
+    saved = torch.load(resnet["checkpoint"], weights_only=True)["state_dict"]
+    assert torch.equal(rebuilt.layer4[1].conv2.weight, saved["model.layer4.1.conv2.weight"])
+
+    vit = run(tmp_path, "--reference", resnet["checkpoint"])
+    with np.load(Path(vit["log_dir"]) / "cka" / "step_0000004.npz") as arrays:
+        assert list(arrays["reference_layers"]) == [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
+        assert arrays["reference"].shape == (6, 8) and np.isfinite(arrays["reference"]).all()
+
+
+def test_resnet18_cifar_keeps_full_resolution_in_layer1():
+    model = timm.create_model("resnet18_cifar", num_classes=10)
+    features = model.forward_intermediates(torch.randn(2, 3, 32, 32), intermediates_only=True)
+    assert [f.shape[-1] for f in features] == [32, 32, 16, 8, 4]  # stem, layer1..4
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        timm.create_model("resnet18_cifar", pretrained=True)
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("vit_tiny_patch4", ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 4, "num_classes": 7})),
+        ("resnet18_cifar", ("resnet18_cifar", {"num_classes": 7})),
+        ("efficientnet_b0", ("efficientnet_b0", {"num_classes": 7})),  # takes any size: no img_size
+        ("deit_tiny_patch16_224", ("deit_tiny_patch16_224", {"img_size": 32, "num_classes": 7})),
+    ],
+)
+def test_presets_and_timm_names(name, expected):
+    assert classifier.timm_spec(name, 7) == expected
+
+
+@pytest.mark.parametrize(
+    ("flags", "reference", "reference_kwargs"),
+    [
+        ([], "resnet18_cifar", {"num_classes": 10}),
+        (
+            ["--reference", "vit_tiny_patch4"],
+            "vit_tiny_patch16_224",
+            {"img_size": 32, "patch_size": 4, "num_classes": 10},
+        ),
+        (["--reference", "none"], None, None),
+    ],
+)
+def test_monitor_flags(flags, reference, reference_kwargs):
+    args = train.build_parser().parse_args(["--layers", "blocks.0,blocks.1", "--layers", "blocks.5", *flags])
+    monitor = train.make_monitor(args, num_classes=10)
+    assert monitor.layers == ["blocks.0", "blocks.1", "blocks.5"]
+    assert (monitor.reference, monitor.reference_kwargs) == (reference, reference_kwargs)
+    assert (monitor.every_n_train_steps, monitor.probe_size, monitor.batch_size) == (25, 256, 128)
+
+
+def test_train_size_and_fraction_subsample_by_seed():
+    data = TensorDataset(torch.arange(200))
+    size = image_data.subsample(data, 30, None, seed=0)
+    assert len(size) == 30 and size.indices == sorted(set(size.indices))
+    assert size.indices == image_data.subsample(data, 30, None, seed=0).indices
+    assert size.indices != image_data.subsample(data, 30, None, seed=1).indices
+    assert len(image_data.subsample(data, None, 0.25, seed=0)) == 50
+    assert len(image_data.subsample(data, None, 0.001, seed=0)) == 1
+    assert image_data.subsample(data, None, None, seed=0) is data
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--train-fraction", "1.5"], "--train-fraction: must be in (0, 1], got 1.5"),
+        (["--train-size", "0"], "--train-size: must be a positive integer"),
+        (["--train-size", "10", "--train-fraction", "0.5"], "not allowed with argument"),
+        (["--train-size", "5000"], "--train-size 5000 exceeds the 1197 training images"),
+        (["--model", "no_such_net"], "--model 'no_such_net' is neither a preset"),
+        (["--reference", "missing.ckpt"], "--reference 'missing.ckpt' is neither an existing checkpoint file"),
+        (["--dataset", "cifar10"], "--dataset cifar10 needs --data-dir DIR"),
+        (
+            ["--dataset", "imagefolder", "--data-dir", str(EXAMPLES)],
+            "needs train/<class>/ and val/<class>/ or test/<class>/",
+        ),
+        (["--model-kwargs", "depth"], "KEY=VALUE pairs such as depth=6, got 'depth'"),
+        (["--cka-batch-size", "2"], "must be at least 4"),
+        (["--cka-every", "-1"], "--cka-every: must be 0 or a positive integer"),
+    ],
+)
+def test_bad_arguments_name_the_problem(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err, err
+
+
+def test_small_vs_large_trains_both_and_compares(tmp_path, capsys):
+    small_vs_large = importlib.import_module("small_vs_large")
+    figure = small_vs_large.main(["--small", "0.05", "--large", "0.1", "--out", str(tmp_path), *TINY])
+    assert figure == tmp_path / "comparison.png" and figure.stat().st_size > 0
+    for name in ("small", "large"):
+        assert list((tmp_path / name / "version_0" / "cka").glob("step_*.npz"))
+    printed = capsys.readouterr().out
+    assert "4 steps on 60 images" in printed and "4 steps on 120 images" in printed
+    assert f"comparison: {figure}" in printed and f"tensorboard --logdir {tmp_path}" in printed
+    with pytest.raises(SystemExit):
+        small_vs_large.main(["--train-size", "10"])
+    assert "--train-size: set by this script" in capsys.readouterr().err
