@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from matplotlib.figure import Figure
 
 from lightning_cka.cli_data import (
@@ -21,13 +20,12 @@ from lightning_cka.cli_data import (
     Run,
     input_config,
     load_model,
-    model_threshold,
+    local_threshold,
     probe_images,
     read_run,
 )
 from lightning_cka.compare import compare_models
 from lightning_cka.plotting import attention_distance_plot, cka_heatmap
-from lightning_cka.reference import _architecture
 from lightning_cka.result import CKAResult
 from lightning_cka.taps.recorder import REDUCTIONS
 
@@ -46,6 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as done:  # --help, or a usage error argparse has already printed
         return int(done.code or 0)
     try:
+        if not 0 < args.local_threshold <= 1:  # every command takes it
+            raise CLIError(f"--local-threshold is a fraction in (0, 1], got {args.local_threshold}.")
         args.handler(args)
     except CLIError as err:
         print(f"lightning-cka: error: {' '.join(str(err).split())}", file=sys.stderr)
@@ -89,7 +89,7 @@ def _add_compare(commands: Any) -> None:
         "--out", required=True, type=Path, metavar="FILE", help="figure file to write (.png, .pdf, .svg)"
     )
     parser.add_argument("--labels", nargs=2, metavar=("A", "B"), help="names of the runs in the figure and table")
-    _add_geometry(parser)
+    _add_local_threshold(parser)
     parser.set_defaults(handler=_compare)
 
 
@@ -99,7 +99,7 @@ def _add_analyze(commands: Any) -> None:
         "analyze",
         help=help_,
         description=f"{_sentence(help_)}, with compare_models. Writes OUT/{ANALYSIS_FILE} (the layout CKAMonitor "
-        "writes, step -1, so 'compare' and 'summary' read OUT as a run), OUT/hparams.yaml and the figures "
+        "writes, step -1, so 'compare' and 'summary' read OUT as a run) and the figures "
         "OUT/cka_intra.png, OUT/cka_reference.png, OUT/cka_reference_intra.png, OUT/attention_distance.png and "
         "OUT/attention_distance_reference.png (as far as the models have the parts).",
     )
@@ -153,6 +153,7 @@ def _add_analyze(commands: Any) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the probe sample (default 0)")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for an image directory")
+    _add_local_threshold(parser)
     parser.set_defaults(handler=_analyze)
 
 
@@ -164,18 +165,19 @@ def _add_summary(commands: Any) -> None:
         description=f"{_sentence(help_)}: steps, epochs, probe size, layers and per probe the headline scalars.",
     )
     parser.add_argument("run", metavar="RUN", help="log directory, its cka/ folder or a .npz file")
-    _add_geometry(parser)
+    _add_local_threshold(parser)
     parser.set_defaults(handler=_summary)
 
 
-def _add_geometry(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group(
-        "ViT geometry",
-        "place the local-head threshold (half the distance of uniform attention) when the run's hparams.yaml does "
-        "not name a timm architecture",
+def _add_local_threshold(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--local-threshold",
+        type=float,
+        default=0.5,
+        metavar="FRACTION",
+        help="a head is local when its mean attention distance is below this fraction of the distance of uniform "
+        "attention over the patch grid (default 0.5, CKAMonitor's default)",
     )
-    group.add_argument("--image-size", type=int, help="ViT input size in pixels")
-    group.add_argument("--patch-size", type=int, help="ViT patch size in pixels")
 
 
 def _sentence(text: str) -> str:
@@ -205,11 +207,16 @@ def _json_object(text: str) -> dict[str, Any]:
 
 
 def _summary(args: argparse.Namespace) -> None:
-    print("\n".join(summary_lines(read_run(args.run, args.image_size, args.patch_size))))
+    print("\n".join(summary_lines(read_run(args.run), args.local_threshold)))
 
 
-def summary_lines(run: Run) -> list[str]:
-    """The text summary of a run: what was probed, then one row of headline numbers per probe."""
+def summary_lines(run: Run, fraction: float = 0.5) -> list[str]:
+    """The text summary of a run: what was probed, then one row of headline numbers per probe.
+
+    Args:
+        run: the run.
+        fraction: a head is local below this fraction of the uniform-attention distance.
+    """
     last = run.probes[run.steps[-1]]
     epochs = sorted({p.epoch for p in run.probes.values()})
     heads = last.mean_attention_distance.shape[1] if last.mean_attention_distance.size else 0
@@ -221,13 +228,13 @@ def summary_lines(run: Run) -> list[str]:
         f"layers       {_names(last.layers)}",
         f"reference    {_names(last.reference_layers)}",
         f"attention    {_names(last.attention_layers)}" + (f", {heads} heads" if heads else ""),
-        f"local heads  {_threshold_text(run.local_threshold)}",
+        f"local heads  {_threshold_text(local_threshold(last, fraction))}",
         "",
         "  step  epoch  CKA off-diag  CKA adjacent  best ref CKA  first attn px  last attn px  local heads",
     ]
     for step in run.steps:
         probe = run.probes[step]
-        h = headline(probe, run.local_threshold)
+        h = headline(probe, local_threshold(probe, fraction))
         lines.append(
             f"{step:>6} {probe.epoch:>6} {_num(h['offdiag'], 13)} {_num(h['adjacent'], 13)} {_num(h['ref_best'], 13)}"
             f" {_num(h['attn_first'], 14, '.1f')} {_num(h['attn_last'], 13, '.1f')} {_num(h['local'], 12, '.2f')}"
@@ -260,7 +267,7 @@ def headline(result: CKAResult, threshold: float | None) -> dict[str, float]:
 
 
 def _compare(args: argparse.Namespace) -> None:
-    runs = [read_run(path, args.image_size, args.patch_size) for path in (args.run_a, args.run_b)]
+    runs = [read_run(path) for path in (args.run_a, args.run_b)]
     a, b = select_probes(*runs, args.step)
     if a.layers != b.layers:
         raise CLIError(f"the runs monitor different layers: A has {_names(a.layers)}; B has {_names(b.layers)}.")
@@ -270,7 +277,7 @@ def _compare(args: argparse.Namespace) -> None:
             f"B has {_names(b.attention_layers)}."
         )
     labels = args.labels or _default_labels(runs)
-    thresholds = [run.local_threshold for run in runs]
+    thresholds = [local_threshold(probe, args.local_threshold) for probe in (a, b)]
     fig = compare_figure(a, b, labels, thresholds)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -445,8 +452,8 @@ def _analyze(args: argparse.Namespace) -> None:
     except (ValueError, RuntimeError, AssertionError, OSError) as err:  # timm asserts the input size
         raise CLIError(f"the analysis failed: {err}") from err
     try:
-        written = [result.save(args.out / ANALYSIS_FILE), _write_hparams(args)]
-        thresholds = [model_threshold(model), model_threshold(reference) if reference is not None else None]
+        written = [result.save(args.out / ANALYSIS_FILE)]
+        thresholds = [local_threshold(result, args.local_threshold, of_reference) for of_reference in (False, True)]
         written += _write_figures(result, thresholds, args.out)
     except OSError as err:
         raise CLIError(f"cannot write to --out {args.out}: {err}") from err
@@ -463,31 +470,6 @@ def _device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CLIError(f"--device {name}: CUDA is not available here.")
     return device
-
-
-def _write_hparams(args: argparse.Namespace) -> Path:
-    """Write ``OUT/hparams.yaml`` as a Lightning log directory has it, naming the timm architecture.
-
-    ``compare`` and ``summary`` build the architecture from it to place the local-head threshold; the other entries
-    record what was analyzed.
-    """
-    if Path(args.model).is_file():
-        name, kwargs = _architecture(Path(args.model))
-        kwargs = {**kwargs, **args.model_kwargs}
-    else:
-        name, kwargs = args.model, args.model_kwargs
-    hparams = {
-        "timm_name": name,
-        "timm_kwargs": kwargs,
-        "model": args.model,
-        "reference": args.reference,
-        "data": args.data,
-        "num_examples": args.num_examples,
-        "seed": args.seed,
-    }
-    path = args.out / "hparams.yaml"
-    path.write_text(yaml.safe_dump(hparams, sort_keys=False))
-    return path
 
 
 def _write_figures(result: CKAResult, thresholds: Sequence[float | None], out: Path) -> list[Path]:
@@ -554,7 +536,7 @@ def _names(names: Sequence[str]) -> str:
 
 def _threshold_text(threshold: float | None) -> str:
     if threshold is None:
-        return "threshold unknown (give --image-size and --patch-size)"
+        return "none (no attention distances, or arrays saved before lightning-cka recorded their scale)"
     return f"mean distance below {threshold:.1f} px"
 
 

@@ -1,7 +1,5 @@
 """Reading what the ``lightning-cka`` command line names: runs of probe arrays, models and probe images."""
 
-import functools
-import json
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -9,19 +7,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import timm
 import torch
-import yaml
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset
 
 from lightning_cka.data import minibatch_slices
-from lightning_cka.functional import patch_distances
 from lightning_cka.reference import load_reference
 from lightning_cka.result import CKAResult
-from lightning_cka.taps.attention import patch_geometry
 
 NPZ_IMAGE_KEYS = ("x_test", "x", "images")
 
@@ -39,15 +33,12 @@ class Run:
         folder: the folder holding the ``.npz`` files.
         probes: the probes by ``step`` (``-1`` for ``lightning-cka analyze``).
         single_file: the run was given as one ``.npz`` file.
-        local_threshold: heads with a mean attention distance below this many pixels count as local; ``None`` when
-            the patch geometry is unknown.
     """
 
     path: Path
     folder: Path
     probes: dict[int, CKAResult] = field(default_factory=dict)
     single_file: bool = False
-    local_threshold: float | None = None
 
     @property
     def steps(self) -> list[int]:
@@ -55,16 +46,12 @@ class Run:
         return sorted(self.probes)
 
 
-def read_run(path: str | Path, image_size: int | None = None, patch_size: int | None = None) -> Run:
+def read_run(path: str | Path) -> Run:
     """Load every probe of a run directory, its ``cka/`` folder or one ``.npz`` file.
 
     Args:
         path: a Lightning log directory holding ``cka/step_<step>.npz``, that ``cka/`` folder (or the folder of a
             named monitor inside it), or one ``.npz`` file.
-        image_size: input size of the ViT in pixels, to place the local-head threshold (with ``patch_size``).
-        patch_size: patch size in pixels. Without both, the geometry comes from a Lightning ``hparams.yaml`` that
-            names the timm architecture (``timm_name``, ``timm_kwargs``), as ``analyze`` and ``examples/train.py``
-            write it.
 
     Raises:
         CLIError: a missing path, no arrays, an unreadable file, or two files for one step.
@@ -77,7 +64,6 @@ def read_run(path: str | Path, image_size: int | None = None, patch_size: int | 
         if result.step in run.probes:
             raise CLIError(f"{folder} holds two probes of step {result.step}; keep one of them.")
         run.probes[result.step] = result
-    run.local_threshold = local_threshold(image_size, patch_size) or _hparams_threshold(folder)
     return run
 
 
@@ -109,54 +95,13 @@ def _load(file: Path) -> CKAResult:
         raise CLIError(f"cannot read {file} as lightning-cka probe arrays: {err}") from err
 
 
-def local_threshold(image_size: int | None, patch_size: int | None) -> float | None:
-    """Half the mean attention distance of uniform attention over a square patch grid (the callback's default)."""
-    if image_size is None and patch_size is None:
-        return None
-    if image_size is None or patch_size is None:
-        raise CLIError("--image-size and --patch-size go together: both place the local-head threshold.")
-    if image_size < 1 or patch_size < 1 or image_size % patch_size:
-        raise CLIError(f"--image-size {image_size} is not a positive multiple of --patch-size {patch_size}.")
-    return _half_uniform_distance(image_size // patch_size, patch_size)
+def local_threshold(result: CKAResult, fraction: float, reference: bool = False) -> float | None:
+    """Pixels below which a head of the probe counts as local: ``fraction`` of the uniform-attention distance.
 
-
-def model_threshold(model: nn.Module) -> float | None:
-    """The local-head threshold of a timm ViT from its ``patch_embed``; ``None`` for other models."""
-    geometry = patch_geometry(model)
-    return None if geometry is None else _half_uniform_distance(geometry.grid_size, geometry.patch_size)
-
-
-def _half_uniform_distance(grid_size: int | tuple[int, int], patch_size: int | tuple[int, int]) -> float:
-    # CKAMonitor's default local_threshold=0.5, as a fraction of the distance of uniform attention over the grid.
-    return 0.5 * float(patch_distances(grid_size, patch_size).mean())
-
-
-def _hparams_threshold(folder: Path) -> float | None:
-    """The threshold of the timm model named in the ``hparams.yaml`` of the run (the folder or up to 2 above)."""
-    found = [d / "hparams.yaml" for d in (folder, *folder.parents[:2]) if (d / "hparams.yaml").is_file()]
-    if not found:
-        return None
-    try:
-        hparams = yaml.safe_load(found[0].read_text())
-    except yaml.YAMLError:  # not ours to judge; the run just gets no threshold
-        return None
-    if not isinstance(hparams, dict):
-        return None
-    name, kwargs = hparams.get("timm_name"), hparams.get("timm_kwargs") or {}
-    if not isinstance(name, str) or not timm.is_model(name) or not isinstance(kwargs, dict):
-        return None
-    return _timm_threshold(name, json.dumps(kwargs, sort_keys=True))
-
-
-@functools.lru_cache
-def _timm_threshold(name: str, kwargs_json: str) -> float | None:
-    """The threshold of a timm architecture, built once per command (two runs usually share it)."""
-    try:
-        with torch.device("meta"):  # only the geometry is needed: no memory, no weights
-            model = timm.create_model(name, **json.loads(kwargs_json))
-    except Exception:  # an architecture that cannot be built from its hyperparameters simply gives no threshold
-        return None
-    return model_threshold(model)
+    ``None`` for a probe without attention layers, or saved before the probe arrays recorded that distance.
+    """
+    uniform = result.reference_uniform_attention_distance if reference else result.uniform_attention_distance
+    return None if np.isnan(uniform) else fraction * uniform
 
 
 def load_model(spec: str, weights: str | None, pretrained: bool, kwargs: dict[str, Any], option: str) -> nn.Module:

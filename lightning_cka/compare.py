@@ -89,16 +89,22 @@ def compare_models(
     full = metric.compute().cpu().numpy()
     num_a = len(recorders[0].layers)
     result = CKAResult(layers=recorders[0].layers, intra=full[:num_a, :num_a], num_examples=num_examples)
-    result.attention_layers, result.mean_attention_distance = _distances(recorders[0])
+    result.attention_layers, result.mean_attention_distance, result.uniform_attention_distance = _distances(
+        recorders[0]
+    )
     if model_b is not None:
         result.reference_layers = recorders[1].layers
         result.reference = full[:num_a, num_a:]
         result.reference_intra = full[num_a:, num_a:]
-        result.reference_attention_layers, result.reference_mean_attention_distance = _distances(recorders[1])
+        (
+            result.reference_attention_layers,
+            result.reference_mean_attention_distance,
+            result.reference_uniform_attention_distance,
+        ) = _distances(recorders[1])
     return result
 
 
-def _distances(rec: Recorder) -> tuple[list[str], np.ndarray]:
+def _distances(rec: Recorder) -> tuple[list[str], np.ndarray, float]:
     if rec.attention is None:
-        return [], np.zeros((0, 0))
-    return rec.attention_layers, rec.attention.compute().cpu().numpy()
+        return [], np.zeros((0, 0)), float("nan")
+    return rec.attention_layers, rec.attention.compute().cpu().numpy(), rec.attention.uniform_distance

@@ -10,6 +10,7 @@ from lightning_cka.plotting import attention_distance_plot, cka_heatmap
 
 _NAME_FIELDS = ("layers", "reference_layers", "attention_layers", "reference_attention_layers")
 _SCALAR_FIELDS = ("step", "epoch", "num_examples")
+_FLOAT_FIELDS = ("uniform_attention_distance", "reference_uniform_attention_distance")
 
 
 @dataclass
@@ -28,8 +29,11 @@ class CKAResult:
             (columns), on the same probe images; empty for the first probe.
         attention_layers: names of the attention modules of the model.
         mean_attention_distance: ``(Lh, heads)`` in pixels.
+        uniform_attention_distance: the mean distance, in pixels, that uniform attention over the model's patch grid
+            would have: the scale against which heads are called local (NaN without attention layers).
         reference_attention_layers: the same for the reference.
         reference_mean_attention_distance: the same for the reference.
+        reference_uniform_attention_distance: the same for the reference.
         step: trainer ``global_step`` of the probe (-1 outside training).
         epoch: trainer epoch of the probe (-1 outside training).
         num_examples: probe images used.
@@ -45,6 +49,8 @@ class CKAResult:
     mean_attention_distance: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
     reference_attention_layers: list[str] = field(default_factory=list)
     reference_mean_attention_distance: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    uniform_attention_distance: float = float("nan")
+    reference_uniform_attention_distance: float = float("nan")
     step: int = -1
     epoch: int = -1
     num_examples: int = 0
@@ -82,6 +88,8 @@ class CKAResult:
                     values[f.name] = [str(v) for v in value]
                 elif f.name in _SCALAR_FIELDS:
                     values[f.name] = int(value)
+                elif f.name in _FLOAT_FIELDS:
+                    values[f.name] = float(value)
                 else:
                     values[f.name] = value
         return cls(**values)

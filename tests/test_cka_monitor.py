@@ -86,6 +86,7 @@ def test_arrays_hold_every_documented_field(tmp_path):
     assert result.intra.shape == (6, 6) and result.reference.shape == (6, 4) and result.previous.shape == (6, 6)
     assert result.mean_attention_distance.shape == (6, 2)
     assert result.reference_mean_attention_distance.size == 0
+    assert result.uniform_attention_distance > 0 and np.isnan(result.reference_uniform_attention_distance)
     assert result.step == 6 and result.num_examples == 24
     np.testing.assert_allclose(np.diagonal(result.intra), 1.0)
     assert np.all(result.intra <= 1 + 1e-9)

@@ -35,8 +35,8 @@ def probe():
     return compare_models(vit, resnet, data=torch.randn(8, 3, 32, 32), batch_size=8)
 
 
-def make_run(root, probe, steps, shift=0.0, scale=1.0, hparams=True, folder="cka"):
-    """A Lightning log directory as CKAMonitor leaves it: cka/step_<step>.npz and hparams.yaml."""
+def make_run(root, probe, steps, shift=0.0, scale=1.0, folder="cka"):
+    """A Lightning log directory as CKAMonitor leaves it: cka/step_<step>.npz."""
     for i, step in enumerate(steps):
         result = dataclasses.replace(
             probe,
@@ -46,10 +46,6 @@ def make_run(root, probe, steps, shift=0.0, scale=1.0, hparams=True, folder="cka
             mean_attention_distance=probe.mean_attention_distance * scale * (1 - 0.2 * i),
         )
         result.save(root / folder / f"step_{step:07d}.npz")
-    if hparams:
-        (root / "hparams.yaml").write_text(
-            "timm_name: test_vit\ntimm_kwargs: {img_size: 32, patch_size: 8}\nlr: 0.001\n"
-        )
     return root
 
 
@@ -113,16 +109,17 @@ def test_summary_lists_the_probes_and_their_headline_numbers(runs, probe, capsys
     ]
 
 
-def test_summary_reads_the_cka_folder_a_named_monitor_and_geometry_flags(tmp_path, probe, capsys):
-    run = make_run(tmp_path / "run", probe, [5], hparams=False, folder="cka/vit")
+def test_summary_reads_the_cka_folder_a_named_monitor_and_the_threshold_fraction(tmp_path, probe, capsys):
+    run = make_run(tmp_path / "run", probe, [5], folder="cka/vit")
     assert run_cli("summary", run / "cka") == 0
-    assert "threshold unknown" in capsys.readouterr().out
-    assert run_cli("summary", run, "--image-size", 32, "--patch-size", 8) == 0
     assert f"below {VIT_THRESHOLD}" in capsys.readouterr().out
-    for hparams in ("timm_name: not_a_timm_model\n", "timm_name: [unclosed\n", "timm_name: test_resnet\n"):
-        (run / "hparams.yaml").write_text(hparams)
-        assert run_cli("summary", run) == 0
-        assert "threshold unknown" in capsys.readouterr().out
+    assert run_cli("summary", run, "--local-threshold", 0.25) == 0
+    assert "below 4.0 px" in capsys.readouterr().out
+    # Arrays from before the uniform-attention distance was saved have no threshold, and say so.
+    dataclasses.replace(probe, uniform_attention_distance=float("nan")).save(run / "cka" / "vit" / "step_0000005.npz")
+    assert run_cli("summary", run) == 0
+    text = capsys.readouterr().out
+    assert "local heads  none (" in text and text.rstrip().endswith("-")  # the local column is blank
 
 
 def test_analyze_writes_a_run_that_compare_and_summary_read(tmp_path, capsys):
@@ -135,7 +132,7 @@ def test_analyze_writes_a_run_that_compare_and_summary_read(tmp_path, capsys):
     result = CKAResult.load(out / "cka" / "analysis.npz")
     assert result.intra.shape == (6, 6) and result.reference.shape == (6, 4) and result.num_examples == 12
     assert result.mean_attention_distance.shape == (6, 2) and result.step == -1
-    assert "timm_name: test_vit" in (out / "hparams.yaml").read_text()
+    assert result.uniform_attention_distance == pytest.approx(16.0, abs=0.1)  # twice the 8 px threshold
     assert f"below {VIT_THRESHOLD}" in capsys.readouterr().out
     assert run_cli("summary", out) == 0
     assert "steps        -1 (-1: not from training)" in capsys.readouterr().out
@@ -186,7 +183,6 @@ def test_analyze_a_lightning_checkpoint_on_digits(tmp_path, capsys):
     )
     result = CKAResult.load(out / "cka" / "analysis.npz")
     assert result.num_examples == 12 and result.reference.size == 0 and not (out / "cka_reference.png").exists()
-    assert "num_classes: 3" in (out / "hparams.yaml").read_text()
     assert "12 of the 1797 images of scikit-learn digits" in capsys.readouterr().out
 
 
@@ -238,7 +234,7 @@ ERRORS = {
     "not npz": (["summary", "{root}/notes.txt"], "is not a .npz file"),
     "not probe arrays": (["summary", "{root}/other.npz"], "cannot read"),
     "two monitors": (["summary", "{root}/two"], "several named monitors (first, second)"),
-    "half geometry": (["summary", "{small}", "--patch-size", "16"], "--image-size and --patch-size go together"),
+    "fraction": (["summary", "{small}", "--local-threshold", "2"], "--local-threshold is a fraction in (0, 1], got 2"),
     "step missing": (["compare", "{small}", "{big}", "--step", "200", "--out", "{root}/c.png"], "step 200 is not in"),
     "no common step": (["compare", "{small}", "{root}/analyzed", "--out", "{root}/c.png"], "no step in common"),
     "layers": (["compare", "{small}", "{root}/renamed", "--out", "{root}/c.png"], "monitor different layers"),

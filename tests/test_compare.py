@@ -6,6 +6,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_cka import CKAResult, compare_models, find_layers
+from lightning_cka.functional import patch_distances
+from lightning_cka.taps.attention import patch_geometry
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +104,10 @@ def test_save_load_roundtrip_and_plot(models, images, tmp_path):
     for field in ("intra", "reference", "reference_intra", "mean_attention_distance"):
         np.testing.assert_array_equal(getattr(loaded, field), getattr(result, field))
     assert loaded.step == -1 and loaded.num_examples == 8
+    geometry = patch_geometry(vit)
+    uniform = patch_distances(geometry.grid_size, geometry.patch_size).mean().item()
+    assert loaded.uniform_attention_distance == pytest.approx(uniform)  # the scale of "local" heads travels along
+    assert np.isnan(loaded.reference_uniform_attention_distance)  # the ResNet has no attention
     with np.load(path, allow_pickle=False) as raw:  # plain arrays, no pickle needed
         assert raw["layers"].dtype.kind == "U"
     fig = loaded.plot()

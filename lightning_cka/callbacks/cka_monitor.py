@@ -190,7 +190,6 @@ class CKAMonitor(*_CALLBACK_BASES):  # type: ignore[misc]
         self._reference_recording: _Recording | None = None
         self._previous_grams: list[list[Tensor]] | None = None
         self._previous: CKAResult | None = None
-        self._uniform_distance: float | None = None
         self._array_dir: Path | None = None
         self._sinks: list = []
         self._renderer: ProbeRenderer | None = None  # used on the writer thread only
@@ -230,7 +229,6 @@ class CKAMonitor(*_CALLBACK_BASES):  # type: ignore[misc]
             )
         self._fit_probes = 0
         self._previous = self._previous_grams = self._renderer = None
-        self._uniform_distance = None
         self._layer_names = find_layers(pl_module, self.layers)
         if self.reference is not None:
             self._reference_model = load_reference(
@@ -347,13 +345,14 @@ class CKAMonitor(*_CALLBACK_BASES):  # type: ignore[misc]
         self._fit_probes += 1
         if trainer.is_global_zero:
             scalars = {"cka/probe_seconds": time.perf_counter() - start}
-            scalars.update(probe_scalars(result, self._local_threshold_px()))
+            threshold_px = self.local_threshold * result.uniform_attention_distance  # NaN without attention
+            scalars.update(probe_scalars(result, threshold_px))
             prefix = f"{self.name}/" if self.name else ""
             for logger in trainer.loggers:
                 logger.log_metrics({prefix + tag: value for tag, value in scalars.items()}, step=trainer.global_step)
             array_path = self._array_dir / f"step_{trainer.global_step:07d}.npz" if self._array_dir else None
             if self._renderer is None:
-                self._renderer = ProbeRenderer(self._local_threshold_px())
+                self._renderer = ProbeRenderer(threshold_px)
             self._writer.submit(write_probe, result, previous, self._renderer, self._sinks, prefix, array_path)
 
     def _record(self, trainer: Any, pl_module: Any) -> "_Recording":
@@ -392,7 +391,6 @@ class CKAMonitor(*_CALLBACK_BASES):  # type: ignore[misc]
         if rec.attention is not None:
             recording.attention = rec.attention
             recording.attention_layers = display_names(model, rec.attention_layers)
-            self._uniform_distance = self._uniform_distance or float(rec.attention.distances.mean())
         return recording
 
     def _compute(self, trainer: Any, recording: "_Recording") -> CKAResult:
@@ -416,16 +414,15 @@ class CKAMonitor(*_CALLBACK_BASES):  # type: ignore[misc]
         if recording.attention is not None:
             result.attention_layers = recording.attention_layers
             result.mean_attention_distance = recording.attention.compute().cpu().numpy()
+            result.uniform_attention_distance = recording.attention.uniform_distance
         reference = self._reference_recording
         if reference is not None and reference.attention is not None:
             if reference.distances is None:
                 reference.distances = reference.attention.compute().cpu().numpy()
             result.reference_attention_layers = reference.attention_layers
             result.reference_mean_attention_distance = reference.distances
+            result.reference_uniform_attention_distance = reference.attention.uniform_distance
         return result
-
-    def _local_threshold_px(self) -> float:
-        return self.local_threshold * (self._uniform_distance or 0.0)
 
 
 @dataclass

@@ -87,3 +87,8 @@ class MeanAttentionDistance(Metric):
     def compute(self) -> Tensor:
         """``(num_layers, num_heads)`` mean distance in pixels; NaN where a head received no images."""
         return self.distance_sum / self.num_images
+
+    @property
+    def uniform_distance(self) -> float:
+        """The distance in pixels of a head attending equally to every patch: the scale of "local" and "global"."""
+        return float(self.distances.mean())
