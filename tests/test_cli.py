@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 
 from lightning_cka import CKAResult, compare_models
-from lightning_cka.cli import headline, main
-from lightning_cka.cli_data import input_config, probe_images
+from lightning_cka.cli import main
+from lightning_cka.cli.probe_images import input_config, probe_images
+from lightning_cka.cli.summary import headline
 
 PNG = b"\x89PNG"
 # test_vit made small for speed: 4 x 4 patches of 8 px; local heads lie below half the uniform-attention distance.

@@ -1,8 +1,8 @@
-"""Reading what the ``lightning-cka`` command line names: runs of probe arrays, models and probe images."""
+"""The probe images that ``lightning-cka analyze --data`` names, resized and normalized for the model."""
 
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,103 +13,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset
 
+from lightning_cka.cli.errors import CLIError
 from lightning_cka.data import minibatch_slices
-from lightning_cka.reference import load_reference
-from lightning_cka.result import CKAResult
 
 NPZ_IMAGE_KEYS = ("x_test", "x", "images")
-
-
-class CLIError(Exception):
-    """A problem with what the command line names; reported as one line on stderr with exit code 2."""
-
-
-@dataclass
-class Run:
-    """The probes of one run.
-
-    Attributes:
-        path: the path given on the command line.
-        folder: the folder holding the ``.npz`` files.
-        probes: the probes by ``step`` (``-1`` for ``lightning-cka analyze``).
-        single_file: the run was given as one ``.npz`` file.
-    """
-
-    path: Path
-    folder: Path
-    probes: dict[int, CKAResult] = field(default_factory=dict)
-    single_file: bool = False
-
-    @property
-    def steps(self) -> list[int]:
-        """The probed steps in increasing order."""
-        return sorted(self.probes)
-
-
-def read_run(path: str | Path) -> Run:
-    """Load every probe of a run directory, its ``cka/`` folder or one ``.npz`` file.
-
-    Args:
-        path: a Lightning log directory holding ``cka/step_<step>.npz``, that ``cka/`` folder (or the folder of a
-            named monitor inside it), or one ``.npz`` file.
-
-    Raises:
-        CLIError: a missing path, no arrays, an unreadable file, or two files for one step.
-    """
-    path = Path(path)
-    files, folder = _probe_files(path)
-    run = Run(path=path, folder=folder, single_file=path.is_file())
-    for file in files:
-        result = _load(file)
-        if result.step in run.probes:
-            raise CLIError(f"{folder} holds two probes of step {result.step}; keep one of them.")
-        run.probes[result.step] = result
-    return run
-
-
-def _probe_files(path: Path) -> tuple[list[Path], Path]:
-    if path.is_file():
-        if path.suffix != ".npz":
-            raise CLIError(f"{path} is not a .npz file of probe arrays.")
-        return [path], path.parent
-    if not path.is_dir():
-        raise CLIError(f"{path} does not exist.")
-    folder = path / "cka" if (path / "cka").is_dir() else path
-    files = sorted(folder.glob("*.npz"))
-    if not files:
-        # Named monitors write cka/<name>/step_*.npz: one of them is unambiguous.
-        named = sorted(p for p in folder.iterdir() if p.is_dir() and any(p.glob("*.npz")))
-        if len(named) == 1:
-            return sorted(named[0].glob("*.npz")), named[0]
-        if named:
-            names = ", ".join(p.name for p in named)
-            raise CLIError(f"{folder} holds the arrays of several named monitors ({names}); pass one of those folders.")
-        raise CLIError(f"{path} holds no probe arrays (CKAMonitor writes them as <log dir>/cka/step_<step>.npz).")
-    return files, folder
-
-
-def _load(file: Path) -> CKAResult:
-    try:
-        return CKAResult.load(file)
-    except (ValueError, OSError, KeyError, zipfile.BadZipFile) as err:
-        raise CLIError(f"cannot read {file} as lightning-cka probe arrays: {err}") from err
-
-
-def local_threshold(result: CKAResult, fraction: float, reference: bool = False) -> float | None:
-    """Pixels below which a head of the probe counts as local: ``fraction`` of the uniform-attention distance.
-
-    ``None`` for a probe without attention layers, or saved before the probe arrays recorded that distance.
-    """
-    uniform = result.reference_uniform_attention_distance if reference else result.uniform_attention_distance
-    return None if np.isnan(uniform) else fraction * uniform
-
-
-def load_model(spec: str, weights: str | None, pretrained: bool, kwargs: dict[str, Any], option: str) -> nn.Module:
-    """A frozen model from a timm name or a Lightning checkpoint whose hyperparameters name it (``timm_name``)."""
-    try:
-        return load_reference(spec, weights, pretrained, kwargs or None)
-    except (ValueError, TypeError, OSError, RuntimeError) as err:
-        raise CLIError(f"{option} {spec}: {err}") from err
 
 
 def input_config(

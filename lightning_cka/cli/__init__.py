@@ -1,0 +1,47 @@
+"""The ``lightning-cka`` command line: compare two runs, summarize one, analyze trained checkpoints.
+
+Every failure the user can fix (a bad path, a run without arrays, a missing step, runs with different layers, a bad
+model or data source) is one line on stderr, ``lightning-cka: error: ...``, and exit status 2.
+"""
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from lightning_cka.cli import analyze, compare, summary
+from lightning_cka.cli.errors import CLIError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0, or 2 for any error).
+
+    Args:
+        argv: the arguments after the program name (default: ``sys.argv[1:]``).
+    """
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, or a usage error argparse has already printed
+        return int(done.code or 0)
+    try:
+        if not 0 < args.local_threshold <= 1:  # every command takes it
+            raise CLIError(f"--local-threshold is a fraction in (0, 1], got {args.local_threshold}.")
+        args.handler(args)
+    except CLIError as err:
+        print(f"lightning-cka: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with its ``compare``, ``analyze`` and ``summary`` subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="lightning-cka",
+        description="Minibatch CKA and ViT mean attention distances (Raghu et al. 2021) of training runs and "
+        "trained models. A RUN is a Lightning log directory holding cka/step_<step>.npz (written by CKAMonitor), "
+        "its cka/ folder, or one .npz file.",
+    )
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+    compare.add_command(commands)
+    analyze.add_command(commands)
+    summary.add_command(commands)
+    return parser

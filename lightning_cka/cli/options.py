@@ -1,0 +1,43 @@
+"""Argument types and options shared by the subcommands."""
+
+import argparse
+import json
+from typing import Any
+
+
+def add_local_threshold(parser: argparse.ArgumentParser) -> None:
+    """``--local-threshold``, which every subcommand takes (``main`` checks its range)."""
+    parser.add_argument(
+        "--local-threshold",
+        type=float,
+        default=0.5,
+        metavar="FRACTION",
+        help="a head is local when its mean attention distance is below this fraction of the distance of uniform "
+        "attention over the patch grid (default 0.5, CKAMonitor's default)",
+    )
+
+
+def sentence(text: str) -> str:
+    """``text`` with a capital first letter: a subcommand's help line opening its description."""
+    return text[0].upper() + text[1:]
+
+
+def step(text: str) -> int | str:
+    """The ``--step`` type: an integer global step or ``"last"``."""
+    if text == "last":
+        return text
+    try:
+        return int(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected an integer step or 'last', got {text!r}") from err
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """The type of the ``--*-kwargs`` options: a JSON object."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON ({err}): {text!r}") from err
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"num_classes\": 10}}', got {text!r}")
+    return value
