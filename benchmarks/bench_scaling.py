@@ -65,8 +65,8 @@ def main() -> None:
     for layers in LAYERS:
         for n in SIZES:
             gram_bytes = layers * n**2 * 4
-            # The 256 MiB float64 block of _pairwise_hsic comes on top; update() also holds a stacked copy.
-            needed = {"_pairwise_hsic": gram_bytes + 2**28, "MinibatchCKA.update": 2 * gram_bytes + 2**28}
+            # The 256 MiB float64 block of _pairwise_hsic comes on top of the Grams, for both.
+            needed = {"_pairwise_hsic": gram_bytes + 2**28, "MinibatchCKA.update": gram_bytes + 2**28}
             predicted = flops(layers, n) / ceiling * (args.repeats + 1)
             row = {"layers": layers, "n": n, "gram_gib": gram_bytes / 2**30, "gflop": flops(layers, n) / 1e9}
             if predicted > MAX_SECONDS:

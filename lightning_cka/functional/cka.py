@@ -42,8 +42,7 @@ def linear_cka(x: Tensor, y: Tensor, unbiased: bool = False) -> Tensor:
     if x.shape[1] < n and y.shape[1] < n:
         xy, xx, yy = (_feature_space_hsic(a, b, unbiased) for a, b in ((x, y), (x, x), (y, y)))
         return xy / torch.sqrt(xx * yy)
-    grams = torch.stack([gram(x, center=True), gram(y, center=True)])
-    hsic = _pairwise_hsic(grams, unbiased=unbiased)
+    hsic = _pairwise_hsic([gram(x, center=True), gram(y, center=True)], unbiased=unbiased)
     return hsic[0, 1] / torch.sqrt(hsic[0, 0] * hsic[1, 1])
 
 
@@ -128,8 +127,7 @@ def _cka_update(
                 raise ValueError(f"{side}[{i}] must be an (n, n) Gram matrix, got shape {tuple(t.shape)}.")
     _check_num_examples(n, 4 if unbiased else 2)
     layers = layers_a + layers_b
-    stacked = torch.stack(layers if grams else [gram(t, center=True) for t in layers])
-    return _pairwise_hsic(stacked, unbiased=unbiased), len(layers_a)
+    return _pairwise_hsic(layers if grams else [gram(t, center=True) for t in layers], unbiased), len(layers_a)
 
 
 def _as_layer_list(layers: Sequence[Tensor] | Tensor, name: str) -> list[Tensor]:

@@ -4,6 +4,8 @@ Precision: Gram products accumulate in float32 (float64 for float64 input); ever
 HSIC inner products, their sums) runs in float64.
 """
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -90,7 +92,7 @@ def hsic_biased(k: Tensor, l: Tensor) -> Tensor:  # noqa: E741
 
     """
     _check_gram_pair(k, l, min_n=2)
-    return _pairwise_hsic(torch.stack([k, l]), unbiased=False)[0, 1]
+    return _pairwise_hsic([k, l], unbiased=False)[0, 1]
 
 
 def hsic_unbiased(k: Tensor, l: Tensor) -> Tensor:  # noqa: E741
@@ -119,7 +121,7 @@ def hsic_unbiased(k: Tensor, l: Tensor) -> Tensor:  # noqa: E741
 
     """
     _check_gram_pair(k, l, min_n=4)
-    return _pairwise_hsic(torch.stack([k, l]), unbiased=True)[0, 1]
+    return _pairwise_hsic([k, l], unbiased=True)[0, 1]
 
 
 def _check_gram_pair(k: Tensor, l: Tensor, min_n: int) -> None:  # noqa: E741
@@ -139,38 +141,42 @@ def _check_num_examples(n: int, min_n: int) -> None:
         )
 
 
-def _pairwise_hsic(grams: Tensor, unbiased: bool = True) -> Tensor:
+def _pairwise_hsic(grams: Sequence[Tensor] | Tensor, unbiased: bool = True) -> Tensor:
     """HSIC of every pair of ``L`` Gram matrices of the same ``n`` examples.
 
     All pairs come from one matrix product of the stacked, flattened centered Grams: U-centered for the unbiased
     estimator (their inner product is ``n(n-3)·HSIC₁``), double-centered ``HKH`` for the biased one. The product runs
-    over blocks of rows only when the float64 centered copy would exceed ``_HSIC_BLOCK_BYTES``.
+    over blocks of rows only when the float64 centered copy would exceed ``_HSIC_BLOCK_BYTES``. Each block is copied
+    from the Grams as they are given, so a list of Grams is never stacked into a second copy of all of them.
 
     Args:
-        grams: ``(L, n, n)`` symmetric Gram matrices, any float dtype.
+        grams: ``L`` symmetric ``(n, n)`` Gram matrices (a sequence, or an ``(L, n, n)`` tensor), any float dtype.
         unbiased: Song et al. 2012 estimator if ``True``, Gretton et al. 2005 if ``False``.
 
     Returns:
         ``(L, L)`` float64, symmetric.
 
     """
-    num_layers, n, _ = grams.shape
+    num_layers, n, device = len(grams), grams[0].shape[0], grams[0].device
     rows_per_block = max(1, _HSIC_BLOCK_BYTES // (num_layers * n * 8))
     starts = range(0, n, rows_per_block)
     # One float64 buffer serves every block: fresh block-sized temporaries cost more than the arithmetic.
-    buffer = grams.new_empty(num_layers * min(rows_per_block, n) * n, dtype=torch.float64)
+    buffer = torch.empty(num_layers * min(rows_per_block, n) * n, dtype=torch.float64, device=device)
 
     def block(start: int) -> Tensor:
         """Rows ``start:start + rows_per_block`` of every Gram as contiguous float64, ``(L, r, n)``."""
-        rows = grams[:, start : start + rows_per_block]
-        return buffer[: rows.numel()].view(rows.shape).copy_(rows)
+        stop = min(start + rows_per_block, n)
+        rows = buffer[: num_layers * (stop - start) * n].view(num_layers, stop - start, n)
+        for i, g in enumerate(grams):
+            rows[i].copy_(g[start:stop])
+        return rows
 
-    with torch.autocast(grams.device.type, enabled=False):
+    with torch.autocast(device.type, enabled=False):
         # Row sums (also the column sums: Grams are symmetric), a block at a time, since
         # grams.sum(dtype=torch.float64) would first copy every Gram to float64.
         row_sums = torch.cat([block(start).sum(dim=2) for start in starts], dim=1)  # (L, n)
         if unbiased:
-            row_sums -= grams.diagonal(dim1=1, dim2=2).to(torch.float64)
+            row_sums -= torch.stack([g.diagonal() for g in grams]).to(torch.float64)
             row_term = row_sums / (n - 2)
             total_term = row_sums.sum(dim=1) / ((n - 1) * (n - 2))  # (L,)
             scale = n * (n - 3)
@@ -178,14 +184,14 @@ def _pairwise_hsic(grams: Tensor, unbiased: bool = True) -> Tensor:
             row_term = row_sums / n
             total_term = row_sums.sum(dim=1) / n**2
             scale = (n - 1) ** 2
-        out = grams.new_zeros((num_layers, num_layers), dtype=torch.float64)
+        out = torch.zeros(num_layers, num_layers, dtype=torch.float64, device=device)
         for start in starts:
             centered = block(start)  # (L, r, n)
             stop = start + centered.shape[1]
             centered -= row_term[:, start:stop, None] - total_term[:, None, None]  # an (L, r, 1) term, in place
             centered -= row_term[:, None, :]
             if unbiased:
-                rows = torch.arange(start, stop, device=grams.device)
+                rows = torch.arange(start, stop, device=device)
                 centered[:, rows - start, rows] = 0.0
             flat = centered.view(num_layers, -1)  # (L, r·n)
             out.addmm_(flat, flat.T)
