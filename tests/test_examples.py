@@ -104,6 +104,19 @@ def test_checkpoint_of_one_run_is_the_reference_of_another(tmp_path):
         assert arrays["reference"].shape == (6, 8) and np.isfinite(arrays["reference"]).all()
 
 
+@pytest.mark.parametrize(("model", "first_layer"), [("test_resnet", "layer1.0"), ("test_efficientnet", "blocks.0.0")])
+def test_cnns_train_with_the_monitor(tmp_path, model, first_layer):
+    args = ["--model", model, "--batch-size", "16", "--max-steps", "2", "--val-every", "2", "--cka-every", "2"]
+    args += ["--probe-size", "16", "--cka-batch-size", "8", "--train-size", "32", "--reference", "none"]
+    summary = train.main([*args, "--out", str(tmp_path)])
+    with np.load(Path(summary["log_dir"]) / "cka" / "step_0000002.npz") as arrays:
+        layers = list(arrays["layers"])
+        assert layers[0] == first_layer and len(layers) > 1 and arrays["intra"].shape == (len(layers), len(layers))
+        assert arrays["mean_attention_distance"].size == 0  # no attention modules, no attention picture
+    images = set(events(summary["log_dir"]).Tags()["images"])
+    assert {"cka/intra", "cka/intra_change"} <= images and "attention/mean_distance" not in images
+
+
 def test_resnet18_cifar_keeps_full_resolution_in_layer1():
     model = timm.create_model("resnet18_cifar", num_classes=10)
     features = model.forward_intermediates(torch.randn(2, 3, 32, 32), intermediates_only=True)
