@@ -40,8 +40,10 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     large = _version_dir(args.runs, "large")
+    events = EventAccumulator(str(large), size_guidance={IMAGES: 0})  # 0 keeps every image, not a sample
+    events.Reload()
     for tag, (name, step) in IMAGE_TAGS.items():
-        step = _write_image(large, tag, step, args.out / name)
+        step = _write_image(events, tag, step, args.out / name)
         print(f"{args.out / name}: {tag} at step {step} of {large}")
     shutil.copy(args.runs / "comparison.png", args.out / "small-vs-large.png")
     print(f"{args.out / 'small-vs-large.png'}: lightning-cka compare of the two runs")
@@ -61,9 +63,7 @@ def _version_dir(runs: Path, which: str) -> Path:
     return found[-1]
 
 
-def _write_image(run: Path, tag: str, step: int | None, path: Path) -> int:
-    events = EventAccumulator(str(run), size_guidance={IMAGES: 0})  # 0 keeps every image, not a sample
-    events.Reload()
+def _write_image(events: EventAccumulator, tag: str, step: int | None, path: Path) -> int:
     images = events.Images(tag)
     image = images[-1] if step is None else next(i for i in images if i.step == step)
     path.write_bytes(image.encoded_image_string)

@@ -1,6 +1,6 @@
 """Train a timm model on 32 px images with CKAMonitor attached, and watch its representations form in TensorBoard.
 
-    python examples/train.py                   # a small ViT on scikit-learn's digits (offline), about 3 min on a CPU
+    python examples/train.py                   # a small ViT on scikit-learn's digits (offline), about 2 min on 2 cores
     python examples/train.py --model resnet18_cifar --reference none --cka-every 0     # a ResNet to compare with:
     python examples/train.py --reference runs/resnet18_cifar-digits/version_0/checkpoints/last.ckpt
 

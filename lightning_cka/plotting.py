@@ -76,7 +76,8 @@ def attention_distance_plot(
         layer_names: x tick labels.
         ax: matplotlib ``Axes``; a new ``Figure`` is made when ``None``.
         title: axes title.
-        local_threshold: draw a dashed line at this distance (the "local head" threshold).
+        local_threshold: draw a dashed line at this distance (the "local head" threshold) and keep twice it, about
+            the distance of uniform attention, in view.
         label: legend label of the points (when several runs share one axes).
         color: point colour.
 
@@ -93,7 +94,10 @@ def attention_distance_plot(
     _set_ticks(ax.set_xticks, ax.set_xticklabels, layer_names, values.shape[0], rotation=90)
     ax.set_xlabel("layer")
     ax.set_ylabel("mean attention distance (pixels)")
-    ax.set_ylim(bottom=0)
+    if local_threshold is None:
+        ax.set_ylim(bottom=0)
+    else:  # points near the top then read as global, as they are, not as the plot's whole range
+        ax.set_ylim(0, max(float(np.nanmax(values, initial=0.0)), 2 * local_threshold) * 1.1)
     if title:
         ax.set_title(title)
     return fig, ax

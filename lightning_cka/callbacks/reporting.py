@@ -15,6 +15,7 @@ import numpy as np
 
 from lightning_cka.callbacks.renderer import ProbeRenderer
 from lightning_cka.result import CKAResult
+from lightning_cka.stats import adjacent_mean, best_matches, offdiag_mean
 
 ImageSink = Callable[[str, np.ndarray, int], None]
 
@@ -29,16 +30,14 @@ def probe_scalars(result: CKAResult, local_threshold_px: float) -> dict[str, flo
     scalars: dict[str, float] = {}
     intra = result.intra
     if len(result.layers) > 1:
-        scalars["cka/adjacent_mean"] = _nanmean(np.diagonal(intra, offset=1))
-        scalars["cka/offdiag_mean"] = _nanmean(intra[~np.eye(len(intra), dtype=bool)])
+        scalars["cka/adjacent_mean"] = adjacent_mean(intra)
+        scalars["cka/offdiag_mean"] = offdiag_mean(intra)
     if result.previous.size:
         for name, value in zip(result.layers, np.diagonal(result.previous), strict=True):
             scalars[f"cka_vs_previous/{name}"] = float(value)
     if result.reference.size:
-        for name, row in zip(result.layers, result.reference, strict=True):
-            finite = np.isfinite(row)
-            best = int(np.argmax(np.where(finite, row, -np.inf))) if finite.any() else -1
-            scalars[f"cka_reference/best_value/{name}"] = float(row[best]) if best >= 0 else float("nan")
+        for name, best, value in zip(result.layers, *best_matches(result.reference), strict=True):
+            scalars[f"cka_reference/best_value/{name}"] = float(value)
             scalars[f"cka_reference/best_layer/{name}"] = float(best)
     for name, heads in zip(result.attention_layers, result.mean_attention_distance, strict=True):
         heads = heads[np.isfinite(heads)]
@@ -127,8 +126,3 @@ def write_probe(
             for sink in sinks:
                 sink(tag_prefix + tag, image, result.step)
     return time.perf_counter() - start
-
-
-def _nanmean(values: np.ndarray) -> float:
-    finite = values[np.isfinite(values)]
-    return float(finite.mean()) if finite.size else float("nan")

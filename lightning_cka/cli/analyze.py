@@ -5,14 +5,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from lightning_cka.cli.errors import CLIError
 from lightning_cka.cli.options import add_local_threshold, json_object, sentence
 from lightning_cka.cli.probe_images import input_config, probe_images
-from lightning_cka.cli.runs import local_threshold, read_run
+from lightning_cka.cli.runs import Run, local_threshold
 from lightning_cka.cli.summary import summary_lines
 from lightning_cka.compare import compare_models
 from lightning_cka.plotting import attention_distance_plot, cka_heatmap
@@ -128,8 +127,8 @@ def _main(args: argparse.Namespace) -> None:
         written += _write_figures(result, thresholds, args.out)
     except OSError as err:
         raise CLIError(f"cannot write to --out {args.out}: {err}") from err
-    run = read_run(args.out)
-    print("\n".join(summary_lines(run)))
+    run = Run(path=args.out, folder=(args.out / ANALYSIS_FILE).parent, probes={result.step: result})
+    print("\n".join(summary_lines(run, args.local_threshold)))
     print("\nwrote " + ", ".join(str(path) for path in written))
 
 
@@ -168,11 +167,9 @@ def _write_figures(result: CKAResult, thresholds: Sequence[float | None], out: P
     }
     for (name, (values, layers, who)), threshold in zip(distances.items(), thresholds, strict=True):
         if values.size:
-            fig, ax = attention_distance_plot(
+            figures[name] = attention_distance_plot(
                 values, layers, title=f"mean attention distance per head, {who}", local_threshold=threshold
             )
-            ax.set_ylim(0, max(float(np.nanmax(values)), 2 * (threshold or 0)) * 1.1)  # keep the threshold in view
-            figures[name] = fig, ax
     for name, (fig, _) in figures.items():
         fig.savefig(out / name, dpi=120)
     return [out / name for name in figures]

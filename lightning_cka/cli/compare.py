@@ -12,9 +12,10 @@ from lightning_cka.cli.errors import CLIError
 from lightning_cka.cli.options import add_local_threshold, sentence, step
 from lightning_cka.cli.runs import Run, local_threshold, read_run
 from lightning_cka.cli.summary import headline
-from lightning_cka.cli.text import few, name_list, nanmean, threshold_text
+from lightning_cka.cli.text import few, name_list, threshold_text
 from lightning_cka.plotting import attention_distance_plot, cka_heatmap
 from lightning_cka.result import CKAResult
+from lightning_cka.stats import nanmean
 
 COLORS = ("C0", "C3")  # run A, run B
 

@@ -7,8 +7,9 @@ import numpy as np
 
 from lightning_cka.cli.options import add_local_threshold, sentence
 from lightning_cka.cli.runs import Run, local_threshold, read_run
-from lightning_cka.cli.text import few, name_list, nanmean, num, threshold_text
+from lightning_cka.cli.text import few, name_list, num, threshold_text
 from lightning_cka.result import CKAResult
+from lightning_cka.stats import adjacent_mean, best_matches, nanmean, offdiag_mean
 
 
 def add_command(commands: Any) -> None:
@@ -67,14 +68,12 @@ def headline(result: CKAResult, threshold: float | None) -> dict[str, float]:
     (mean over layers of the best CKA with any reference layer), ``attn_first`` / ``attn_last`` (mean distance of the
     first / last attention layer over its heads, pixels) and ``local`` (fraction of all heads below ``threshold``).
     """
-    intra, distances = result.intra, result.mean_attention_distance
-    off_diagonal = intra[~np.eye(len(intra), dtype=bool)]
-    best = np.array([row[np.isfinite(row)].max() for row in result.reference if np.isfinite(row).any()])
+    distances = result.mean_attention_distance
     finite = distances[np.isfinite(distances)]
     return {
-        "offdiag": nanmean(off_diagonal),
-        "adjacent": nanmean(np.diagonal(intra, offset=1)),
-        "ref_best": nanmean(best),
+        "offdiag": offdiag_mean(result.intra),
+        "adjacent": adjacent_mean(result.intra),
+        "ref_best": nanmean(best_matches(result.reference)[1]) if result.reference.size else float("nan"),
         "attn_first": nanmean(distances[0]) if distances.size else float("nan"),
         "attn_last": nanmean(distances[-1]) if distances.size else float("nan"),
         "local": float((finite < threshold).mean()) if threshold and finite.size else float("nan"),

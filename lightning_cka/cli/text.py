@@ -5,12 +5,6 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def nanmean(values: np.ndarray) -> float:
-    """Mean of the finite values; NaN when there are none."""
-    finite = values[np.isfinite(values)]
-    return float(finite.mean()) if finite.size else float("nan")
-
-
 def num(value: float, width: int, spec: str = ".3f") -> str:
     """A right-aligned table cell; ``-`` for NaN."""
     return f"{'-' if np.isnan(value) else format(value, spec):>{width}}"
