@@ -1,0 +1,1 @@
+"""Figures as data (spec), and their matplotlib rendering."""
