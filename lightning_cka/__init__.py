@@ -1,31 +1,36 @@
-"""Watch how a vision model's representations form while it trains: minibatch CKA and attention distances."""
+"""Watch how a vision model's representations form while it trains: minibatch CKA and the paper's other analyses.
 
+The names below are imported on first use, so that ``lightning-cka --help`` and ``import lightning_cka`` do not pay for
+torch, timm and Lightning up front. Using any of them also registers ``resnet18_cifar`` with timm.
+"""
+
+from importlib import import_module
 from typing import Any
 
-from lightning_cka import models as _models  # noqa: F401  (registers resnet18_cifar with timm)
 from lightning_cka.__about__ import __version__
-from lightning_cka.compare import compare_models
-from lightning_cka.metrics import MeanAttentionDistance, MinibatchCKA
-from lightning_cka.result import CKAResult
-from lightning_cka.taps import Recorder, find_layers, probe_mode
 
-__all__ = [
-    "CKAMonitor",
-    "CKAResult",
-    "MeanAttentionDistance",
-    "MinibatchCKA",
-    "Recorder",
-    "__version__",
-    "compare_models",
-    "find_layers",
-    "probe_mode",
-]
+_EXPORTS = {
+    "CKAMonitor": "lightning_cka.callbacks",
+    "CKAResult": "lightning_cka.result",
+    "MeanAttentionDistance": "lightning_cka.metrics",
+    "MinibatchCKA": "lightning_cka.metrics",
+    "Recorder": "lightning_cka.recorder",
+    "compare_models": "lightning_cka.compare",
+    "find_layers": "lightning_cka.taps",
+    "probe_mode": "lightning_cka.taps",
+}
+
+__all__ = [*sorted(_EXPORTS), "__version__"]
 
 
 def __getattr__(name: str) -> Any:
-    # CKAMonitor imports Lightning, which takes seconds: the command line and the one-shot API do without it.
-    if name == "CKAMonitor":
-        from lightning_cka.callbacks import CKAMonitor
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'lightning_cka' has no attribute {name!r}")
+    import_module("lightning_cka.models")  # registers resnet18_cifar with timm
+    value = getattr(import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
 
-        return CKAMonitor
-    raise AttributeError(f"module 'lightning_cka' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -1,18 +1,20 @@
-"""One-shot analysis of trained models: intra-model CKA, cross-model CKA and attention distances."""
+"""One-shot analysis of trained models: every analysis of a probe, on one model or a model and a reference."""
 
-from contextlib import ExitStack
-from typing import Any, Literal
+import json
+from typing import Any
 
-import numpy as np
-import torch
 from torch import nn
 
-from lightning_cka.data import iterate_inputs
-from lightning_cka.metrics.minibatch_cka import MinibatchCKA
+from lightning_cka.analyses import build_analyses
+from lightning_cka.engine.engine import ProbeBatch, ProbeEngine
+from lightning_cka.engine.models import ProbedModel
+from lightning_cka.engine.options import ProbeOptions, Switch
+from lightning_cka.functional.estimate import Weighting
+from lightning_cka.probe_data.batches import MIN_BATCH, iterate_batches
+from lightning_cka.probe_data.sample import ProbeHasher
 from lightning_cka.result import CKAResult
+from lightning_cka.taps.grams import Reduction
 from lightning_cka.taps.layers import LayerSpec
-from lightning_cka.taps.recorder import Recorder, Reduction
-from lightning_cka.taps.unwrap import model_device
 
 
 def compare_models(
@@ -22,36 +24,61 @@ def compare_models(
     data: Any,
     layers_a: LayerSpec = "auto",
     layers_b: LayerSpec = "auto",
-    batch_size: int = 256,
+    batch_size: int = 128,
     reduction: Reduction = "flatten",
     reduction_b: Reduction | None = None,
-    attention: bool | Literal["auto"] = "auto",
     input_key: str | None = None,
+    label_key: str | None = None,
+    label_b: str = "",
+    attention: Switch = "auto",
+    heads: Switch = "auto",
+    residual: Switch = "auto",
+    localization: bool = False,
+    localization_layer: str | None = None,
+    linear_probe: bool = False,
+    rank: bool = True,
+    permutations: int = 19,
+    minibatch_weights: Weighting = "equal",
+    seed: int = 0,
 ) -> CKAResult:
-    """Minibatch CKA of model A's layers with each other and with model B's, plus attention distances.
+    """Every analysis of a probe on model A, and A against model B: CKA with error bars, attention, the rest.
 
-    Every minibatch runs once through each model; hooks reduce each layer's output to its Gram on the spot (see
-    :class:`Recorder`), and one matrix product per minibatch yields the HSIC of every layer pair of A and B together.
-    The HSIC sums run over **all** minibatches (Nguyen et al. 2021) and are normalized once at the end. Token outputs
-    ``(n, T, D)`` are compared across images (flattened per image), not as per-image token Grams. The models run in
-    eval mode without autograd and are left exactly as they were; wrap the call in ``torch.autocast`` to probe in
-    mixed precision.
+    Every minibatch runs once through each model; hooks reduce what the analyses need (each layer's Gram, attention
+    probabilities, ...) on the spot, and one matrix product per minibatch yields the HSIC of every layer pair of A and
+    B together. The HSIC sums run over **all** minibatches (Nguyen et al. 2021) and are normalized once at the end;
+    the sums are kept per minibatch for the jackknife standard errors. Token outputs ``(n, T, D)`` are compared across
+    images (flattened per image), not as per-image token Grams. The models run in eval mode without autograd and are
+    left exactly as they were; wrap the call in ``torch.autocast`` to probe in mixed precision. The analysis options
+    are those of :class:`lightning_cka.CKAMonitor`, with the same names and defaults.
 
     Args:
         model_a: the model whose layers are the rows of every matrix.
         model_b: a second model (e.g. a ResNet next to a ViT), stored as the *reference* in the result.
         data: images: an ``(N, C, H, W)`` tensor, a ``Dataset`` or a ``DataLoader`` (tuple batches give their first
-            element, dict batches ``input_key``). Each minibatch is moved to each model's device.
+            element, dict batches ``input_key``; labels come from ``(image, label)`` batches or ``label_key``). Each
+            minibatch is moved to each model's device.
         layers_a: layers of A: ``"auto"`` or names / glob patterns (:func:`find_layers`).
         layers_b: layers of B.
         batch_size: minibatch size for tensors and datasets (a DataLoader keeps its own); at least 4.
-        reduction: ``"flatten"``, ``"cls"`` or ``"mean"`` for A's outputs (see :class:`Recorder`).
+        reduction: ``"flatten"``, ``"cls"`` or ``"mean"`` for A's outputs.
         reduction_b: the same for B (default: ``reduction``).
-        attention: record mean attention distances of timm attention modules (``"auto"``: where there are some).
         input_key: key of the images in dict batches.
+        label_key: key of the labels in dict batches.
+        label_b: how figures name model B (default: its class name).
+        attention: mean attention distance and entropy per head (see :class:`lightning_cka.CKAMonitor`).
+        heads: CKA of every attention head with every layer of B.
+        residual: skip-connection norm ratios per block.
+        localization: CKA of token positions with input-patch positions.
+        localization_layer: the layer whose tokens are localized (default: A's last monitored layer).
+        linear_probe: ridge probes of the labels at every layer (needs labels).
+        rank: effective rank of every layer.
+        permutations: permutations of the CKA null per minibatch (19: the 5% test; 0: none).
+        minibatch_weights: ``"equal"`` or ``"size"`` weighting of minibatches in the HSIC sums.
+        seed: seed of the permutations.
 
     Returns:
-        A :class:`CKAResult` with ``intra`` (A), ``reference_intra`` (B), ``reference`` (A x B) and the distances.
+        A :class:`CKAResult` with ``intra`` (A), ``reference_intra`` (B), ``reference`` (A x B), their standard
+        errors (``*_se``) and null thresholds (``*_null``), and the other analyses' fields.
 
     Example:
         >>> import timm, torch
@@ -61,50 +88,44 @@ def compare_models(
         >>> result.intra.shape, result.reference.shape, result.mean_attention_distance.shape
         ((6, 6), (6, 4), (6, 2))
     """
-    if batch_size < 4:
-        raise ValueError(f"batch_size must be at least 4 for the unbiased CKA estimator, got {batch_size}.")
-    recorders = [Recorder(model_a, layers_a, reduction, attention)]
-    if model_b is not None:
-        recorders.append(Recorder(model_b, layers_b, reduction_b or reduction, attention))
-    device = model_device(recorders[0].model)
-    names = [f"{name} ({side})" for rec, side in zip(recorders, "AB", strict=False) for name in rec.layers]
-    metric = MinibatchCKA(layer_names_a=names).to(device)
-    num_examples = 0
-    with ExitStack() as stack:
-        for rec in recorders:
-            stack.enter_context(rec)
-        for inputs in iterate_inputs(data, batch_size, input_key):
-            on_device: dict[torch.device, torch.Tensor] = {}
-            grams = []
-            for rec in recorders:
-                rec_device = model_device(rec.model)
-                if rec_device not in on_device:
-                    on_device[rec_device] = inputs.to(rec_device, non_blocking=True)
-                rec.model(on_device[rec_device])
-                grams += [g.to(device) for g in rec.grams]
-            metric.update(grams, grams=True)
-            num_examples += inputs.shape[0]
-    if num_examples == 0:
-        raise ValueError("data yielded no minibatch of at least 4 examples.")
-    full = metric.compute().cpu().numpy()
-    num_a = len(recorders[0].layers)
-    result = CKAResult(layers=recorders[0].layers, intra=full[:num_a, :num_a], num_examples=num_examples)
-    result.attention_layers, result.mean_attention_distance, result.uniform_attention_distance = _distances(
-        recorders[0]
+    if not isinstance(batch_size, int) or batch_size < MIN_BATCH:
+        raise ValueError(f"batch_size must be at least 4 for the unbiased CKA estimator, got {batch_size!r}.")
+    options = ProbeOptions(
+        attention=attention,
+        heads=heads,
+        residual=residual,
+        localization=localization,
+        localization_layer=localization_layer,
+        linear_probe=linear_probe,
+        rank=rank,
+        permutations=permutations,
+        minibatch_weights=minibatch_weights,
+        seed=seed,
     )
+    models = [ProbedModel("model", model_a, layers_a, reduction)]
     if model_b is not None:
-        result.reference_layers = recorders[1].layers
-        result.reference = full[:num_a, num_a:]
-        result.reference_intra = full[num_a:, num_a:]
-        (
-            result.reference_attention_layers,
-            result.reference_mean_attention_distance,
-            result.reference_uniform_attention_distance,
-        ) = _distances(recorders[1])
-    return result
+        label = label_b or type(model_b).__name__
+        models.append(ProbedModel("reference", model_b, layers_b, reduction_b or reduction, label=label))
+    engine = ProbeEngine(models, build_analyses(options))
+    minibatches, count = iterate_batches(data, batch_size, input_key, label_key)
+    if count is None:  # an iterable without a length: the per-minibatch states need the count up front
+        minibatches = list(minibatches)
+        count = len(minibatches)
+    hasher = ProbeHasher()
+    batches = _numbered(minibatches, hasher)
+    engine.run(batches, max(count, 1), models[0].device)
+    if hasher.count == 0:
+        raise ValueError("data yielded no minibatch of at least 4 examples.")
+    fields = engine.compute()
+    settings = {"options": options.as_dict(), "reduction": reduction, "reference_reduction": reduction_b or reduction}
+    fields |= {"num_examples": hasher.count, "probe_hash": hasher.hexdigest(), "settings": json.dumps(settings)}
+    return CKAResult(fields)
 
 
-def _distances(rec: Recorder) -> tuple[list[str], np.ndarray, float]:
-    if rec.attention is None:
-        return [], np.zeros((0, 0)), float("nan")
-    return rec.attention_layers, rec.attention.compute().cpu().numpy(), rec.attention.uniform_distance
+def _numbered(minibatches: Any, hasher: ProbeHasher) -> Any:
+    """The minibatches as numbered :class:`ProbeBatch` es, made lazily (one minibatch of images in memory at a time)."""
+    start = 0
+    for index, (inputs, labels) in enumerate(minibatches):
+        hasher.update(inputs)
+        yield ProbeBatch(index, start, inputs, labels)
+        start += inputs.shape[0]

@@ -7,6 +7,8 @@ import timm
 import torch
 from torch import nn
 
+from lightning_cka import models as _models  # noqa: F401  (checkpoints may name resnet18_cifar)
+
 
 def load_reference(
     reference: nn.Module | str | Path,
@@ -55,6 +57,27 @@ def load_reference(
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def describe_reference(
+    reference: nn.Module | str | Path, weights: str | Path | None = None, pretrained: bool = False
+) -> tuple[str, bool]:
+    """How figures name a reference, and whether it is an untrained timm model (random weights).
+
+    Returns:
+        ``("resnet18_cifar, trained (runs/resnet/version_0/checkpoints/last.ckpt)", False)``,
+        ``("resnet18, untrained (random weights)", True)``, ``("ResNet (a module passed in)", False)``...
+    """
+    if isinstance(reference, nn.Module):
+        return f"{type(reference).__name__} (a module passed in)", False
+    if Path(reference).is_file():
+        name, _ = _architecture(Path(reference))
+        return f"{name}, trained ({reference})", False
+    if weights is not None:
+        return f"{reference}, trained ({weights})", False
+    if pretrained:
+        return f"{reference}, timm's pretrained weights", False
+    return f"{reference}, untrained (random weights)", True
 
 
 def _architecture(path: Path) -> tuple[str, dict[str, Any]]:

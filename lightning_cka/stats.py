@@ -1,13 +1,16 @@
-"""Headline numbers of a probe's matrices, shared by the monitor's scalars and the command line's tables.
+"""Headline numbers of a probe's matrices, shared by the analyses' scalars and the command line's tables.
 
 NaN entries (layers whose features were constant or non-finite) are left out, never propagated.
 """
+
+from collections.abc import Callable
 
 import numpy as np
 
 
 def nanmean(values: np.ndarray) -> float:
     """Mean of the finite values; NaN when there are none."""
+    values = np.asarray(values, dtype=np.float64)
     finite = values[np.isfinite(values)]
     return float(finite.mean()) if finite.size else float("nan")
 
@@ -35,3 +38,134 @@ def best_matches(reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     best = masked.max(axis=1)
     found = np.isfinite(best)
     return np.where(found, masked.argmax(axis=1), -1), np.where(found, best, np.nan)
+
+
+def jackknife_se(summary: Callable[[np.ndarray], float], replicates: np.ndarray | None) -> float:
+    """Block-jackknife standard error of ``summary(matrix)`` from the matrix's leave-one-minibatch-out replicates.
+
+    Args:
+        summary: a function of one matrix (e.g. :func:`offdiag_mean`).
+        replicates: ``(M, ...)`` the matrix with each of ``M`` minibatches left out, or ``None``.
+
+    Returns:
+        ``sqrt((M - 1) / M · Σ (sᵢ - s̄)²)`` over the replicates' summaries; NaN with fewer than 2 replicates or any
+        non-finite summary.
+
+    Example:
+        >>> import numpy as np
+        >>> round(jackknife_se(float, np.array([0.65, 0.9, 0.75])), 4)
+        0.1453
+    """
+    if replicates is None or len(replicates) < 2:
+        return float("nan")
+    values = np.array([summary(r) for r in replicates], dtype=np.float64)
+    if not np.isfinite(values).all():
+        return float("nan")
+    m = len(values)
+    return float(np.sqrt((m - 1) / m * np.square(values - values.mean()).sum()))
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman rank correlation of the pairs where both are finite (average ranks for ties); NaN below 3 pairs."""
+    x, y = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
+    keep = np.isfinite(x) & np.isfinite(y)
+    if keep.sum() < 3:
+        return float("nan")
+    rx, ry = _ranks(x[keep]), _ranks(y[keep])
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    order = np.argsort(values, kind="mergesort")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(len(values), dtype=np.float64)
+    for value in np.unique(values):  # ties share their average rank
+        tied = values == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def benjamini_hochberg(p_values: np.ndarray, alpha: float) -> np.ndarray:
+    """Which tests the Benjamini-Hochberg procedure rejects at false discovery rate ``alpha`` (NaN p: never).
+
+    Example:
+        >>> benjamini_hochberg(np.array([0.001, 0.02, 0.04, 0.5, np.nan]), 0.05).tolist()
+        [True, True, False, False, False]
+    """
+    p = np.asarray(p_values, dtype=np.float64)
+    flat = p.ravel()
+    tested = np.flatnonzero(np.isfinite(flat))
+    rejected = np.zeros(flat.shape, dtype=bool)
+    if tested.size:
+        order = tested[np.argsort(flat[tested], kind="mergesort")]
+        passing = flat[order] <= alpha * np.arange(1, order.size + 1) / order.size
+        if passing.any():
+            rejected[order[: int(np.flatnonzero(passing).max()) + 1]] = True
+    return rejected.reshape(p.shape)
+
+
+def welch_test(
+    mean_a: np.ndarray, var_a: np.ndarray, dof_a: np.ndarray, mean_b: np.ndarray, var_b: np.ndarray, dof_b: np.ndarray
+) -> np.ndarray:
+    """Two-sided p-values of ``mean_a - mean_b`` with Welch's t and the Welch-Satterthwaite degrees of freedom.
+
+    Args:
+        mean_a: estimates of side A (any shape).
+        var_a: variances of those estimates (``s² / n`` for a group of ``n`` runs, ``se²`` for one run).
+        dof_a: their degrees of freedom (``n - 1``, or the jackknife's ``M - 1``).
+        mean_b: the same for side B.
+        var_b: the same for side B.
+        dof_b: the same for side B.
+
+    Example:
+        >>> round(float(welch_test(np.array(1.0), np.array(0.1), np.array(4), np.array(0.0), np.array(0.1),
+        ...                        np.array(4))), 4)  # t = 2.236 with 8 degrees of freedom
+        0.0558
+    """
+    var = np.asarray(var_a, dtype=np.float64) + np.asarray(var_b, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = (np.asarray(mean_a) - np.asarray(mean_b)) / np.sqrt(var)
+        dof = var**2 / (np.asarray(var_a) ** 2 / np.asarray(dof_a) + np.asarray(var_b) ** 2 / np.asarray(dof_b))
+    return student_t_two_sided(t, dof)
+
+
+def student_t_two_sided(t: np.ndarray, dof: np.ndarray) -> np.ndarray:
+    """``P(|T| >= |t|)`` for Student's t with ``dof`` degrees of freedom: ``I_{dof/(dof+t²)}(dof/2, 1/2)``."""
+    t, dof = np.broadcast_arrays(np.asarray(t, dtype=np.float64), np.asarray(dof, dtype=np.float64))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        x = dof / (dof + t**2)
+    out = _betainc(dof / 2, np.full_like(dof, 0.5), x)
+    return np.where(np.isfinite(t) & (dof > 0), out, np.nan)
+
+
+def _betainc(a: np.ndarray, b: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Regularized incomplete beta ``I_x(a, b)``, elementwise, by Lentz's continued fraction (Numerical Recipes 6.4)."""
+    a, b, x = (np.asarray(v, dtype=np.float64) for v in np.broadcast_arrays(a, b, x))
+    flip = x > (a + 1) / (a + b + 2)  # the fraction converges fast below this point; use I_x(a,b) = 1 - I_1-x(b,a)
+    aa, bb, xx = np.where(flip, b, a), np.where(flip, a, b), np.where(flip, 1 - x, x)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        from math import lgamma
+
+        log_beta = np.vectorize(lgamma)(aa + bb) - np.vectorize(lgamma)(aa) - np.vectorize(lgamma)(bb)
+        front = np.exp(log_beta + aa * np.log(xx) + bb * np.log1p(-xx)) / aa
+        tiny = 1e-300
+        c, d = np.ones_like(xx), 1 - (aa + bb) * xx / (aa + 1)
+        d = 1 / np.where(np.abs(d) < tiny, tiny, d)
+        h = d.copy()
+        for m in range(1, 300):
+            for numerator in (
+                m * (bb - m) * xx / ((aa + 2 * m - 1) * (aa + 2 * m)),
+                -(aa + m) * (aa + bb + m) * xx / ((aa + 2 * m) * (aa + 2 * m + 1)),
+            ):
+                d = 1 + numerator * d
+                d = 1 / np.where(np.abs(d) < tiny, tiny, d)
+                c = 1 + numerator / c
+                c = np.where(np.abs(c) < tiny, tiny, c)
+                h *= d * c
+            if np.nanmax(np.abs(d * c - 1), initial=0.0) < 1e-13:
+                break
+        out = front * h
+    out = np.where(xx <= 0, 0.0, np.where(xx >= 1, 1.0, out))
+    return np.where(flip, 1 - out, out)

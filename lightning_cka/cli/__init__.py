@@ -1,14 +1,15 @@
-"""The ``lightning-cka`` command line: compare two runs, summarize one, analyze trained checkpoints.
+"""The ``lightning-cka`` command line: compare runs or groups of runs, summarize, plot, analyze checkpoints.
 
-Every failure the user can fix (a bad path, a run without arrays, a missing step, runs with different layers, a bad
-model or data source) is one line on stderr, ``lightning-cka: error: ...``, and exit status 2.
+Every failure the user can fix (a bad path, a run without arrays, a missing step, runs with different layers or
+probes, a bad model or data source) is one line on stderr, ``lightning-cka: error: ...``, and exit status 2. The
+subcommand modules import torch, matplotlib and the analyses only when they run, so ``--help`` answers at once.
 """
 
 import argparse
 import sys
 from collections.abc import Sequence
 
-from lightning_cka.cli import analyze, compare, summary
+from lightning_cka.cli import analyze, compare, export, plot, summary
 from lightning_cka.cli.errors import CLIError
 
 
@@ -33,15 +34,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with its ``compare``, ``analyze`` and ``summary`` subcommands."""
+    """The argument parser with its subcommands."""
     parser = argparse.ArgumentParser(
         prog="lightning-cka",
-        description="Minibatch CKA and ViT mean attention distances (Raghu et al. 2021) of training runs and "
-        "trained models. A RUN is a Lightning log directory holding cka/step_<step>.npz (written by CKAMonitor), "
-        "its cka/ folder, or one .npz file.",
+        description="Minibatch CKA with error bars, ViT attention distances and the other analyses of Raghu et al. "
+        "2021, for training runs logged by CKAMonitor and for trained checkpoints.",
     )
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
-    compare.add_command(commands)
-    analyze.add_command(commands)
-    summary.add_command(commands)
+    for module in (summary, compare, plot, analyze, export):
+        module.add_command(commands)
     return parser

@@ -1,194 +1,210 @@
-"""``lightning-cka compare RUN_A RUN_B``: two runs' heatmaps, their difference and their attention distances."""
+"""``lightning-cka compare A [A ...] --vs B [B ...]``: two runs or two groups of seeds, in figures and numbers."""
 
 import argparse
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from matplotlib.figure import Figure
-
-from lightning_cka.cli.errors import CLIError
-from lightning_cka.cli.options import add_local_threshold, sentence, step
-from lightning_cka.cli.runs import Run, local_threshold, read_run
-from lightning_cka.cli.summary import headline
-from lightning_cka.cli.text import few, name_list, threshold_text
-from lightning_cka.plotting import attention_distance_plot, cka_heatmap
-from lightning_cka.result import CKAResult
-from lightning_cka.stats import nanmean
-
-COLORS = ("C0", "C3")  # run A, run B
+from lightning_cka.cli.options import RUN_HELP, add_local_threshold, fraction, sentence, step
 
 
 def add_command(commands: Any) -> None:
     """Add the subcommand to the ``commands`` of the ``lightning-cka`` parser."""
-    help_ = "draw and tabulate two runs' CKA heatmaps, their difference and their attention distances"
+    help_ = "compare two runs, or two groups of runs (seeds), with error bars and significance"
     parser = commands.add_parser(
         "compare",
         help=help_,
-        description=f"{sentence(help_)} at one step (Raghu et al. 2021, Figure 4 in spirit): e.g. where the "
-        "lower layers of a small-data ViT fail to become local.",
+        description=f"{sentence(help_)}: every figure of both at one step (group means, their difference with the "
+        "cells that differ marked, attention distances with their spread) and a table of the headline numbers. "
+        "'compare A B' sets two runs against each other; 'compare A1 A2 A3 --vs B1 B2 B3' two groups of seeds.",
     )
-    parser.add_argument("run_a", metavar="RUN_A", help="first run (A): log directory, its cka/ folder or a .npz file")
-    parser.add_argument("run_b", metavar="RUN_B", help="second run (B)")
+    parser.add_argument("runs", metavar="RUN", nargs="+", help=f"side A ({RUN_HELP}); with two RUNs and no --vs: A B")
+    parser.add_argument("--vs", nargs="+", metavar="RUN", help="side B: one run or several seeds")
     parser.add_argument(
         "--step",
         type=step,
         default="last",
-        help="global step to compare, present in both runs ('last', the default: the last step both have); a run "
+        help="global step to compare, present in every run ('last', the default: the last step all have); a run "
         "given as a .npz file is that probe whatever the step",
     )
+    parser.add_argument("--out", required=True, type=Path, metavar="FILE", help="figure file (.png, .pdf, .svg)")
+    parser.add_argument("--labels", nargs=2, metavar=("A", "B"), help="names of the two sides")
     parser.add_argument(
-        "--out", required=True, type=Path, metavar="FILE", help="figure file to write (.png, .pdf, .svg)"
+        "--alpha", type=fraction, default=0.05, help="false discovery rate of the marked differences (default 0.05)"
     )
-    parser.add_argument("--labels", nargs=2, metavar=("A", "B"), help="names of the runs in the figure and table")
+    parser.add_argument(
+        "--allow-different-probes",
+        action="store_true",
+        help="compare runs whose probe images differ (the figure says so); by default that is an error",
+    )
     add_local_threshold(parser)
     parser.set_defaults(handler=_main)
 
 
 def _main(args: argparse.Namespace) -> None:
-    runs = [read_run(path) for path in (args.run_a, args.run_b)]
-    a, b = select_probes(*runs, args.step)
-    if a.layers != b.layers:
-        raise CLIError(f"the runs monitor different layers: A has {name_list(a.layers)}; B has {name_list(b.layers)}.")
-    if a.attention_layers and b.attention_layers and a.attention_layers != b.attention_layers:
-        raise CLIError(
-            f"the runs have different attention layers: A has {name_list(a.attention_layers)}; "
-            f"B has {name_list(b.attention_layers)}."
-        )
-    labels = args.labels or _default_labels(runs)
-    thresholds = [local_threshold(probe, args.local_threshold) for probe in (a, b)]
-    fig = compare_figure(a, b, labels, thresholds)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    from lightning_cka.cli.errors import CLIError
+
+    if args.vs is None:
+        if len(args.runs) != 2:
+            raise CLIError(f"give two runs (A B), or side B after --vs; got {len(args.runs)} run(s) and no --vs.")
+        specs_a, specs_b = args.runs[:1], args.runs[1:]
+    else:
+        specs_a, specs_b = args.runs, args.vs
+    compare(specs_a, specs_b, args)
+
+
+def compare(specs_a: list[str], specs_b: list[str], args: argparse.Namespace) -> None:
+    """Read both sides, check they are comparable, write the figure and print the table."""
+    from lightning_cka.cli.errors import CLIError
+    from lightning_cka.cli.runs import read_run
+    from lightning_cka.engine.analysis import View
+    from lightning_cka.figures.groups import Group, compare_groups
+    from lightning_cka.figures.render import draw_figures
+
+    runs_a, runs_b = [read_run(s) for s in specs_a], [read_run(s) for s in specs_b]
+    step_ = _common_step([*runs_a, *runs_b], args.step)
+    probes_a, probes_b = [r.probe(step_) for r in runs_a], [r.probe(step_) for r in runs_b]
+    labels = args.labels or _labels(runs_a, runs_b)
+    _check_layers(probes_a + probes_b, runs_a + runs_b)
+    note = _check_probes(probes_a + probes_b, runs_a + runs_b, args.allow_different_probes)
+    groups = []
+    for label, runs, probes in ((labels[0], runs_a, probes_a), (labels[1], runs_b, probes_b)):
+        views = [View(run=r.label, local_threshold=args.local_threshold) for r in runs]
+        figures = [p.figures(None, v) for p, v in zip(probes, views, strict=True)]
+        groups.append(Group(label, figures, [p.num_minibatches or 1 for p in probes]))
     try:
-        fig.savefig(args.out, dpi=120)
+        figures = compare_groups(*groups, alpha=args.alpha, note=note)
+    except ValueError as err:
+        raise CLIError(str(err)) from err
+    try:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        draw_figures(figures).savefig(args.out, dpi=120)
     except (ValueError, OSError) as err:
         raise CLIError(f"cannot write --out {args.out}: {err}") from err
-    print("\n".join(compare_lines(a, b, labels, thresholds, runs)))
+    print("\n".join(compare_lines(probes_a, probes_b, labels, runs_a, runs_b, args.local_threshold, note)))
     print(f"\nwrote {args.out}")
 
 
-def select_probes(a: Run, b: Run, step: int | str) -> tuple[CKAResult, CKAResult]:
-    """The probes of two runs at ``step`` (an int, or ``"last"``: the last step every run directory has).
+def _common_step(runs: list, wanted: int | str) -> int | str:
+    from lightning_cka.cli.errors import CLIError
+    from lightning_cka.cli.text import few
 
-    A run given as a ``.npz`` file is its one probe whatever the step, so a training run's final probe can be set
-    against ``analyze`` output (step -1).
-    """
-    directories = [run for run in (a, b) if not run.single_file]
-    if step == "last" and directories:
-        common = set.intersection(*(set(run.probes) for run in directories))
-        if not common:
-            raise CLIError(
-                f"{a.path} (steps {few(a.steps)}) and {b.path} (steps {few(b.steps)}) have no step in common; "
-                "pass --step, or one probe's .npz file."
-            )
-        step = max(common)
-    elif step != "last" and not directories:
-        raise CLIError("--step picks a probe of a run directory, but both runs are single .npz files.")
-    for run in directories:
-        if step not in run.probes:
-            raise CLIError(f"step {step} is not in {run.path} (its steps: {few(run.steps)}).")
-    return tuple(next(iter(run.probes.values())) if run.single_file else run.probes[step] for run in (a, b))
+    directories = [run for run in runs if not run.single_file]
+    if wanted != "last" or not directories:
+        return wanted
+    common = set.intersection(*(set(run.probes) for run in directories))
+    if not common:
+        steps = "; ".join(f"{run.spec}: {few(run.steps)}" for run in directories)
+        raise CLIError(f"the runs have no step in common ({steps}); pass --step, or one probe's .npz file.")
+    return max(common)
+
+
+def _labels(runs_a: list, runs_b: list) -> list[str]:
+    def side(runs: list, fallback: str) -> str:
+        if len(runs) > 1:
+            return f"{fallback} ({len(runs)} runs)"
+        return runs[0].label or fallback
+
+    labels = [side(runs_a, "A"), side(runs_b, "B")]
+    return labels if labels[0] != labels[1] else ["A", "B"]
+
+
+def _check_layers(probes: list, runs: list) -> None:
+    from lightning_cka.cli.errors import CLIError
+    from lightning_cka.cli.text import name_list
+
+    first = probes[0]
+    for probe, run in zip(probes[1:], runs[1:], strict=True):
+        for key in ("layers", "attention_layers", "reference_layers"):
+            a, b = getattr(first, key), getattr(probe, key)
+            if a and b and a != b:
+                raise CLIError(
+                    f"the runs monitor different {key.replace('_', ' ')}: {runs[0].spec} has {name_list(a)}; "
+                    f"{run.spec} has {name_list(b)}."
+                )
+
+
+def _check_probes(probes: list, runs: list, allow: bool) -> str:
+    """Refuse runs that probed different images (unless allowed, then say so); warn where identity is unknown."""
+    import sys
+
+    from lightning_cka.cli.errors import CLIError
+
+    known = [(p.probe_hash, r.spec) for p, r in zip(probes, runs, strict=True) if p.probe_hash]
+    unknown = [r.spec for p, r in zip(probes, runs, strict=True) if not p.probe_hash]
+    if unknown:
+        print(
+            f"lightning-cka: warning: {', '.join(unknown)} do not record their probe's identity (files written before "
+            "lightning-cka 0.2): make sure all runs probed the same images.",
+            file=sys.stderr,
+        )
+    hashes = {h for h, _ in known}
+    if len(hashes) <= 1:
+        return ""
+    which = ", ".join(f"{spec} ({h[:8]})" for h, spec in known)
+    if not allow:
+        raise CLIError(
+            f"the runs probed different images ({which}), so their cells cannot be differenced; probe the same images "
+            "(same probe_size, seed and validation set) or pass --allow-different-probes."
+        )
+    return "Caution: the runs probed different images (--allow-different-probes), so cells compare different data."
 
 
 def compare_lines(
-    a: CKAResult, b: CKAResult, labels: Sequence[str], thresholds: Sequence[float | None], runs: Sequence[Run]
+    probes_a: list, probes_b: list, labels: list[str], runs_a: list, runs_b: list, fraction_: float, note: str
 ) -> list[str]:
-    """The comparison as text: headline numbers, attention distances per layer, CKA difference per layer."""
-    ha, hb = headline(a, thresholds[0]), headline(b, thresholds[1])
-    width = max(map(len, [*a.layers, *a.attention_layers, *b.attention_layers, "layer"]))
-    lines = [f"A = {labels[0]}: {runs[0].path}, step {a.step}, {a.num_examples} probe images"]
-    lines.append(f"B = {labels[1]}: {runs[1].path}, step {b.step}, {b.num_examples} probe images")
-    for key, what in (("offdiag", "mean off-diagonal CKA"), ("adjacent", "mean adjacent-layer CKA")):
-        lines.append(f"{what:<24} A {ha[key]:.3f}   B {hb[key]:.3f}   A - B {ha[key] - hb[key]:+.3f}")
-    if a.attention_layers or b.attention_layers:
-        local = threshold_text(thresholds[0])
-        if thresholds[0] != thresholds[1]:
-            local = f"A {local}, B {threshold_text(thresholds[1])}"
-        lines += ["", f"mean attention distance per layer (pixels); local heads: {local}"]
-        lines.append(f"{'attention layer':<{width}}  A mean   A min  A local  B mean   B min  B local")
-        names = a.attention_layers or b.attention_layers
-        for i, name in enumerate(names):
-            cells = [_head_cells(r.mean_attention_distance, i, t) for r, t in zip((a, b), thresholds, strict=True)]
-            lines.append(f"{name:<{width}}  {cells[0]}  {cells[1]}")
-    diff = a.intra - b.intra
-    lines += ["", "CKA within the model, A - B, per layer (row) over the other layers"]
-    lines.append(f"{'layer':<{width}}  mean diff  max |diff|  with layer")
-    for i, name in enumerate(a.layers):
-        row = np.delete(diff[i], i)
-        others = [n for j, n in enumerate(a.layers) if j != i]
-        if not np.isfinite(row).any():
-            lines.append(f"{name:<{width}}  {'-':>9}  {'-':>10}")
-            continue
-        j = int(np.nanargmax(np.abs(row)))
-        lines.append(f"{name:<{width}}  {nanmean(row):+9.3f}  {abs(row[j]):10.3f}  {others[j]}")
-    return lines
+    """The comparison as text: headline numbers of both sides with their spread and the difference's p-value."""
+    import numpy as np
 
+    from lightning_cka.cli.headline import group_summary, headline, per_layer, plus_minus
+    from lightning_cka.engine.analysis import View
+    from lightning_cka.stats import welch_test
 
-def _head_cells(distances: np.ndarray, layer: int, threshold: float | None) -> str:
-    """Mean, min and local fraction of one layer's heads, or blanks when the run has no such layer."""
-    heads = distances[layer][np.isfinite(distances[layer])] if layer < len(distances) else np.array([])
-    if not heads.size:
-        return f"{'-':>6}  {'-':>6}  {'-':>7}"
-    local = f"{(heads < threshold).mean():7.2f}" if threshold else f"{'-':>7}"
-    return f"{heads.mean():6.1f}  {heads.min():6.1f}  {local}"
+    def spread_word(n: int) -> str:
+        return "± sd over runs" if n > 1 else "± jackknife se"
 
-
-def compare_figure(a: CKAResult, b: CKAResult, labels: Sequence[str], thresholds: Sequence[float | None]) -> Figure:
-    """Both intra-model heatmaps, their difference A - B and both runs' attention distances, side by side."""
-    attention = bool(a.mean_attention_distance.size or b.mean_attention_distance.size)
-    fig = Figure(figsize=(5.5 * (3 + attention), 5), layout="constrained")
-    axes = fig.subplots(1, 3 + attention, squeeze=False)[0]
-    for ax, result, label in zip(axes, (a, b), labels, strict=False):
-        cka_heatmap(result.intra, result.layers, result.layers, ax=ax, title=f"CKA within {label}")
-    diff = a.intra - b.intra
-    limit = max(0.05, float(np.nanmax(np.abs(diff)))) if np.isfinite(diff).any() else 1.0
-    cka_heatmap(
-        diff,
-        a.layers,
-        a.layers,
-        ax=axes[2],
-        title=f"{labels[0]} - {labels[1]}",
-        vmin=-limit,
-        vmax=limit,
-        cmap="RdBu_r",
-        colorbar_label="CKA difference",
-    )
-    if attention:
-        _attention_panel(axes[3], a, b, labels, thresholds)
-    fig.suptitle(f"{labels[0]} (step {a.step}) vs {labels[1]} (step {b.step})")
-    return fig
-
-
-def _attention_panel(
-    ax: Any, a: CKAResult, b: CKAResult, labels: Sequence[str], thresholds: Sequence[float | None]
-) -> None:
-    top = 0.0
-    for result, label, color in zip((a, b), labels, COLORS, strict=True):
-        if result.mean_attention_distance.size:
-            attention_distance_plot(
-                result.mean_attention_distance, result.attention_layers, ax=ax, label=label, color=color
+    lines = []
+    for label, runs, probes in ((labels[0], runs_a, probes_a), (labels[1], runs_b, probes_b)):
+        where = ", ".join(f"{r.spec} (step {p.step})" for r, p in zip(runs, probes, strict=True))
+        lines.append(f"{label}: {where}; {probes[0].num_examples} probe images")
+    if note:
+        lines.append(note)
+    heads = {
+        side: [headline(p, View(local_threshold=fraction_)) for p in ps]
+        for side, ps in (("a", probes_a), ("b", probes_b))
+    }
+    tags = [t for t in heads["a"][0] if all(t in h for h in heads["a"] + heads["b"])]
+    width = max([len(t) for t in tags] + [24])
+    lines += [
+        "",
+        f"{'':<{width}}  {labels[0][:22]:>22}  {labels[1][:22]:>22}  {'A − B':>9}  {'p':>7}",
+        f"{'':<{width}}  {spread_word(len(probes_a)):>22}  {spread_word(len(probes_b)):>22}",
+    ]
+    for tag in tags:
+        a = group_summary([h[tag] for h in heads["a"]])
+        b = group_summary([h[tag] for h in heads["b"]])
+        var = [(s**2 / (n if n > 1 else 1)) for (_, s), n in ((a, len(probes_a)), (b, len(probes_b)))]
+        dofs = [
+            n - 1 if n > 1 else max((ps[0].num_minibatches or 2) - 1, 1)
+            for n, ps in ((len(probes_a), probes_a), (len(probes_b), probes_b))
+        ]
+        p = float(
+            welch_test(
+                np.array(a[0]), np.array(var[0]), np.array(dofs[0]), np.array(b[0]), np.array(var[1]), np.array(dofs[1])
             )
-            top = max(top, float(np.nanmax(result.mean_attention_distance)))
-    # One grey line when the runs share their geometry, else a line in each run's colour.
-    if thresholds[0] == thresholds[1]:
-        lines = [(thresholds[0], "grey", "local threshold")]
-    else:
-        lines = [(t, c, f"local threshold ({label})") for t, c, label in zip(thresholds, COLORS, labels, strict=True)]
-    for threshold, color, label in lines:
-        if threshold:
-            ax.axhline(threshold, color=color, linestyle="--", linewidth=1, label=label)
-            top = max(top, 2 * threshold)
-    ax.set_ylim(0, top * 1.1 or 1)
-    ax.set_title("mean attention distance per head")
-    ax.legend()
-
-
-def _default_labels(runs: Sequence[Run]) -> list[str]:
-    """Short run names: the log directory (and its parent for Lightning's version_N), else A and B."""
-    labels = []
-    for run in runs:
-        folder = run.folder if run.folder.name != "cka" else run.folder.parent
-        folder = folder.resolve()
-        labels.append(f"{folder.parent.name}/{folder.name}" if folder.name.startswith("version_") else folder.name)
-    return labels if labels[0] != labels[1] and all(labels) else ["A", "B"]
+        )
+        diff = a[0] - b[0]
+        p_text = f"{p:7.3f}" if np.isfinite(p) else f"{'-':>7}"
+        lines.append(f"{tag:<{width}}  {plus_minus(*a, 22)}  {plus_minus(*b, 22)}  {diff:+9.3f}  {p_text}")
+    distances = [
+        per_layer(p, View(local_threshold=fraction_)).get("attention/mean_distance", {}) for p in (*probes_a, *probes_b)
+    ]
+    layers = list(distances[0]) if distances and all(distances) else []
+    if layers:
+        lines += ["", "mean attention distance per layer (pixels, mean over heads; groups: mean ± sd over runs)"]
+        name_width = max(len(n) for n in layers)
+        for layer in layers:
+            a = group_summary([(d[layer], float("nan")) for d in distances[: len(probes_a)]])
+            b = group_summary([(d[layer], float("nan")) for d in distances[len(probes_a) :]])
+            lines.append(f"{layer:<{name_width}}  {plus_minus(*a, 15)}  {plus_minus(*b, 15)}  {a[0] - b[0]:+8.2f}")
+    lines.append("p: Welch's t of A − B (runs as samples; one run per side: its block-jackknife standard error).")
+    return lines

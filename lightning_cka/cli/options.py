@@ -4,6 +4,11 @@ import argparse
 import json
 from typing import Any
 
+RUN_HELP = (
+    "a run: a Lightning log directory holding cka/step_<step>.npz (written by CKAMonitor), its cka/ folder, or one "
+    ".npz file; join the folders of a resumed run with commas (version_0,version_1) to read them as one run"
+)
+
 
 def add_local_threshold(parser: argparse.ArgumentParser) -> None:
     """``--local-threshold``, which every subcommand takes (``main`` checks its range)."""
@@ -40,4 +45,12 @@ def json_object(text: str) -> dict[str, Any]:
         raise argparse.ArgumentTypeError(f"not JSON ({err}): {text!r}") from err
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"num_classes\": 10}}', got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A float in (0, 1)."""
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text}")
     return value

@@ -1,12 +1,11 @@
-"""Runs as the command line reads them: every probe's arrays in a log directory, its ``cka/`` folder or one file."""
+"""Runs as the command line reads them: every probe file of one or more folders (a resumed run), ordered by step."""
 
-import zipfile
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from lightning_cka.cli.errors import CLIError
+from lightning_cka.cli.text import few
 from lightning_cka.result import CKAResult
 
 
@@ -15,45 +14,76 @@ class Run:
     """The probes of one run.
 
     Attributes:
-        path: the path given on the command line.
-        folder: the folder holding the ``.npz`` files.
-        probes: the probes by ``step`` (``-1`` for ``lightning-cka analyze``).
+        spec: the run as given on the command line.
+        folders: the folders holding its ``.npz`` files.
+        probes: the probes by ``step`` (``-1`` for ``lightning-cka analyze``), later folders winning a shared step.
         single_file: the run was given as one ``.npz`` file.
+        skipped: files that could not be read, with the reason.
     """
 
-    path: Path
-    folder: Path
+    spec: str
+    folders: list[Path]
     probes: dict[int, CKAResult] = field(default_factory=dict)
     single_file: bool = False
+    skipped: list[str] = field(default_factory=list)
 
     @property
     def steps(self) -> list[int]:
         """The probed steps in increasing order."""
         return sorted(self.probes)
 
+    @property
+    def label(self) -> str:
+        """A short name: the log directory (with its parent for Lightning's ``version_N``)."""
+        folder = self.folders[-1]
+        folder = folder.parent if folder.name == "cka" else folder
+        folder = folder.resolve()
+        if folder.name.startswith("version_"):
+            return f"{folder.parent.name}/{folder.name}"
+        return folder.name
 
-def read_run(path: str | Path) -> Run:
-    """Load every probe of a run directory, its ``cka/`` folder or one ``.npz`` file.
+    def probe(self, step: int | str) -> CKAResult:
+        """The probe at ``step`` (``"last"``: the last one); a single file is its one probe whatever the step."""
+        if self.single_file:
+            return next(iter(self.probes.values()))
+        if step == "last":
+            return self.probes[self.steps[-1]]
+        if step not in self.probes:
+            raise CLIError(f"step {step} is not in {self.spec} (its steps: {few(self.steps)}).")
+        return self.probes[step]
 
-    Args:
-        path: a Lightning log directory holding ``cka/step_<step>.npz``, that ``cka/`` folder (or the folder of a
-            named monitor inside it), or one ``.npz`` file.
+
+def read_run(spec: str | Path) -> Run:
+    """Load every probe of a run: one or more comma-joined folders (log directory or ``cka/`` folder), or a file.
+
+    Files that cannot be read (cut short by a kill, empty) are skipped with one warning on stderr naming them; the
+    others are read.
 
     Raises:
-        CLIError: a missing path, no arrays, an unreadable file, or two files for one step.
+        CLIError: a missing path, no probe files (with the runs found below a parent folder), or nothing readable.
     """
-    path = Path(path)
-    files, folder = _probe_files(path)
-    run = Run(path=path, folder=folder, single_file=path.is_file())
-    for file in files:
-        result = _load(file)
-        if result.step in run.probes:
-            raise CLIError(f"{folder} holds two probes of step {result.step}; keep one of them.")
-        run.probes[result.step] = result
+    spec = str(spec)
+    parts = [Path(p) for p in spec.split(",") if p] if not Path(spec).exists() else [Path(spec)]
+    run = Run(spec=spec, folders=[], single_file=len(parts) == 1 and parts[0].is_file())
+    for part in parts:
+        files, folder = probe_files(part)
+        run.folders.append(folder)
+        for file in files:
+            try:
+                result = CKAResult.load(file)
+            except ValueError as err:
+                run.skipped.append(f"{file} ({err})")
+                continue
+            run.probes[result.step] = result
+    if run.skipped:
+        print(f"lightning-cka: warning: skipped unreadable probe files: {'; '.join(run.skipped)}", file=sys.stderr)
+    if not run.probes:
+        raise CLIError(f"{spec} holds no readable probe files (skipped: {'; '.join(run.skipped)}).")
     return run
 
 
-def _probe_files(path: Path) -> tuple[list[Path], Path]:
+def probe_files(path: Path) -> tuple[list[Path], Path]:
+    """The probe files of one folder or file, and the folder; a parent of runs is an error that lists them."""
     if path.is_file():
         if path.suffix != ".npz":
             raise CLIError(f"{path} is not a .npz file of probe arrays.")
@@ -61,30 +91,33 @@ def _probe_files(path: Path) -> tuple[list[Path], Path]:
     if not path.is_dir():
         raise CLIError(f"{path} does not exist.")
     folder = path / "cka" if (path / "cka").is_dir() else path
-    files = sorted(folder.glob("*.npz"))
-    if not files:
-        # Named monitors write cka/<name>/step_*.npz: one of them is unambiguous.
-        named = sorted(p for p in folder.iterdir() if p.is_dir() and any(p.glob("*.npz")))
-        if len(named) == 1:
-            return sorted(named[0].glob("*.npz")), named[0]
-        if named:
-            names = ", ".join(p.name for p in named)
-            raise CLIError(f"{folder} holds the arrays of several named monitors ({names}); pass one of those folders.")
-        raise CLIError(f"{path} holds no probe arrays (CKAMonitor writes them as <log dir>/cka/step_<step>.npz).")
-    return files, folder
+    files = _steps(folder)
+    if files:
+        return files, folder
+    # Named monitors write cka/<name>/step_*.npz: one of them is unambiguous.
+    named = sorted(p for p in folder.iterdir() if p.is_dir() and _steps(p))
+    if len(named) == 1:
+        return _steps(named[0]), named[0]
+    if named:
+        names = ", ".join(p.name for p in named)
+        raise CLIError(f"{folder} holds the arrays of several named monitors ({names}); pass one of those folders.")
+    below = runs_below(path)
+    if below:
+        listing = ", ".join(f"{run} ({count} probes)" for run, count in below[:8])
+        more = f" and {len(below) - 8} more" if len(below) > 8 else ""
+        raise CLIError(f"{path} holds no probe arrays itself; the runs below it are: {listing}{more}.")
+    raise CLIError(f"{path} holds no probe arrays (CKAMonitor writes them as <log dir>/cka/step_<step>.npz).")
 
 
-def _load(file: Path) -> CKAResult:
-    try:
-        return CKAResult.load(file)
-    except (ValueError, OSError, KeyError, zipfile.BadZipFile) as err:
-        raise CLIError(f"cannot read {file} as lightning-cka probe arrays: {err}") from err
+def runs_below(path: Path) -> list[tuple[Path, int]]:
+    """The run folders under ``path`` that hold probe files, with their number of probes."""
+    found = []
+    for folder in sorted({p.parent for p in path.glob("**/step_*.npz")}):
+        run = folder.parent if folder.name == "cka" else folder
+        found.append((run, len(_steps(folder))))
+    return found
 
 
-def local_threshold(result: CKAResult, fraction: float, reference: bool = False) -> float | None:
-    """Pixels below which a head of the probe counts as local: ``fraction`` of the uniform-attention distance.
-
-    ``None`` for a probe without attention layers, or arrays written without that distance.
-    """
-    uniform = result.reference_uniform_attention_distance if reference else result.uniform_attention_distance
-    return None if np.isnan(uniform) else fraction * uniform
+def _steps(folder: Path) -> list[Path]:
+    """The probe files of a folder: ``step_*.npz`` and ``analysis.npz`` (not temporary files, not probe images)."""
+    return sorted(p for p in folder.glob("*.npz") if p.name != "probe.npz" and not p.name.startswith("."))

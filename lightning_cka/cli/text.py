@@ -7,7 +7,7 @@ import numpy as np
 
 def num(value: float, width: int, spec: str = ".3f") -> str:
     """A right-aligned table cell; ``-`` for NaN."""
-    return f"{'-' if np.isnan(value) else format(value, spec):>{width}}"
+    return f"{'-' if not np.isfinite(value) else format(value, spec):>{width}}"
 
 
 def few(values: Sequence[int], limit: int = 8) -> str:
@@ -18,7 +18,7 @@ def few(values: Sequence[int], limit: int = 8) -> str:
     return ", ".join(shown)
 
 
-def name_list(items: Sequence[str]) -> str:
+def name_list(items: Sequence[str] | None) -> str:
     """``6 (blocks.0, blocks.1, ...)``: how many layer names, and the first and last of a long list."""
     if not items:
         return "none"
@@ -28,6 +28,6 @@ def name_list(items: Sequence[str]) -> str:
 
 def threshold_text(threshold: float | None) -> str:
     """How the local-head threshold reads in a summary."""
-    if threshold is None:
+    if threshold is None or not np.isfinite(threshold):
         return "none (no attention distances, or arrays saved before lightning-cka recorded their scale)"
     return f"mean distance below {threshold:.1f} px"

@@ -6,14 +6,15 @@ from torch import Tensor
 
 def patch_distances(
     grid_size: int | tuple[int, int],
-    patch_size: int | tuple[int, int],
+    patch_size: float | tuple[float, float],
     device: torch.device | str | None = None,
 ) -> Tensor:
     """Euclidean pixel distance between the centres of every pair of patches.
 
     Args:
         grid_size: patches per column and row ``(gh, gw)`` (an int for a square grid).
-        patch_size: patch height and width in pixels ``(ph, pw)`` (an int for square patches).
+        patch_size: distance in pixels between neighbouring patch centres ``(ph, pw)`` (one number for square
+            patches): the patch size of a plain ViT, the backbone stride times the patch size of a hybrid ViT.
         device: device of the result.
 
     Returns:
@@ -28,7 +29,7 @@ def patch_distances(
                 [22.6274, 16.0000, 16.0000,  0.0000]])
 
     """
-    (gh, gw), (ph, pw) = _pair(grid_size, "grid_size"), _pair(patch_size, "patch_size")
+    (gh, gw), (ph, pw) = _pair(grid_size, "grid_size"), _pair(patch_size, "patch_size", integer=False)
     rows, cols = torch.meshgrid(torch.arange(gh, device=device), torch.arange(gw, device=device), indexing="ij")
     # Centres are offset by half a patch on both axes, which cancels in the differences.
     centres = torch.stack([rows.flatten() * ph, cols.flatten() * pw], dim=1).to(torch.float64)  # (P, 2)
@@ -38,7 +39,7 @@ def patch_distances(
 def mean_attention_distance(
     attn: Tensor,
     grid_size: int | tuple[int, int],
-    patch_size: int | tuple[int, int],
+    patch_size: float | tuple[float, float],
     num_prefix_tokens: int = 1,
     renormalize: bool = False,
 ) -> Tensor:
@@ -53,7 +54,10 @@ def mean_attention_distance(
     Args:
         attn: ``(B, H, T, T)`` softmax attention probabilities, ``T = num_prefix_tokens + gh·gw``.
         grid_size: patch grid ``(gh, gw)`` (timm: ``model.patch_embed.grid_size``).
-        patch_size: patch size in pixels (timm: ``model.patch_embed.patch_size``).
+        patch_size: distance in pixels between neighbouring patch centres (timm:
+            ``model.patch_embed.feat_ratio(as_scalar=False)``, which is the patch size of a plain ViT and the backbone
+            stride times the patch size of a hybrid ViT; ``patch_embed.patch_size`` of a hybrid counts feature-map
+            pixels).
         num_prefix_tokens: leading non-patch tokens (timm: ``model.num_prefix_tokens``).
         renormalize: renormalize each query's attention over patch keys.
 
@@ -94,8 +98,9 @@ def _attention_distance_update(
     return per_query.mean(dim=-1).sum(dim=0, dtype=torch.float64)  # (H,)
 
 
-def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or any(int(v) < 1 for v in pair):
-        raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {value!r}.")
-    return int(pair[0]), int(pair[1])
+def _pair(value: float | tuple[float, float], name: str, integer: bool = True) -> tuple:
+    pair = (value, value) if isinstance(value, int | float) else tuple(value)
+    if len(pair) != 2 or any(v <= 0 for v in pair) or (integer and any(int(v) != v for v in pair)):
+        kind = "int" if integer else "number"
+        raise ValueError(f"{name} must be a positive {kind} or a pair of them, got {value!r}.")
+    return (int(pair[0]), int(pair[1])) if integer else (float(pair[0]), float(pair[1]))

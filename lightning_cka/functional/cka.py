@@ -4,9 +4,9 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from torchmetrics.utilities import rank_zero_warn
 
-from lightning_cka.functional.hsic import _check_num_examples, _pairwise_hsic, gram
+from lightning_cka.functional.estimate import cka_estimate, warn_degenerate
+from lightning_cka.functional.hsic import _check_num_examples, _hsic_terms, _pairwise_hsic, gram
 
 
 def linear_cka(x: Tensor, y: Tensor, unbiased: bool = False) -> Tensor:
@@ -66,8 +66,8 @@ def _feature_space_hsic(x: Tensor, y: Tensor, unbiased: bool) -> Tensor:
 def cka_matrix(xs: Sequence[Tensor], ys: Sequence[Tensor] | None = None, unbiased: bool = True) -> Tensor:
     """CKA of every layer pair on one minibatch.
 
-    All pairs come from one matrix product of the stacked, flattened centered Gram matrices (U-centered for the
-    unbiased estimator), not from a loop over pairs.
+    All pairs come from one matrix product of the stacked, flattened centered Grams (U-centered for the unbiased
+    estimator), not from a loop over pairs.
 
     Args:
         xs: per-layer features of model A, each ``(n, ...)`` (any trailing dims; conv maps and token tensors are
@@ -90,44 +90,29 @@ def cka_matrix(xs: Sequence[Tensor], ys: Sequence[Tensor] | None = None, unbiase
                 [0.1800, 0.1800, 1.0000]], dtype=torch.float64)
 
     """
-    hsic, num_layers_a = _cka_update(xs, ys, unbiased=unbiased)
-    return _cka_compute(hsic, num_layers_a, cross=ys is not None)
-
-
-def _cka_update(
-    xs: Sequence[Tensor] | Tensor,
-    ys: Sequence[Tensor] | Tensor | None = None,
-    unbiased: bool = True,
-    grams: bool = False,
-) -> tuple[Tensor, int]:
-    """Pairwise HSIC of one minibatch over the layers of A followed by those of B.
-
-    Args:
-        xs: per-layer features ``(n, ...)`` of model A, or their ``(n, n)`` Gram matrices when ``grams`` is set (a list
-            or a stacked ``(L, n, n)`` tensor).
-        ys: the same for model B, or ``None``.
-        unbiased: estimator choice, see :func:`cka_matrix`.
-        grams: inputs are Gram matrices already.
-
-    Returns:
-        ``((La + Lb, La + Lb) float64 HSIC matrix, La)``.
-
-    """
     layers_a = _as_layer_list(xs, "xs")
-    layers_b = [] if ys is None else _as_layer_list(ys, "ys")
+    layers_b = None if ys is None else _as_layer_list(ys, "ys")
     n = layers_a[0].shape[0]
-    for side, layers in (("xs", layers_a), ("ys", layers_b)):
+    for side, layers in (("xs", layers_a), ("ys", layers_b or [])):
         for i, t in enumerate(layers):
             if t.shape[0] != n:
                 raise ValueError(
                     f"every layer must hold the same examples: {side}[{i}] has {t.shape[0]}, xs[0] has {n}. "
                     "Models A and B must see the same minibatch."
                 )
-            if grams and t.shape != (n, n):
-                raise ValueError(f"{side}[{i}] must be an (n, n) Gram matrix, got shape {tuple(t.shape)}.")
     _check_num_examples(n, 4 if unbiased else 2)
-    layers = layers_a + layers_b
-    return _pairwise_hsic(layers if grams else [gram(t, center=True) for t in layers], unbiased), len(layers_a)
+    terms = _hsic_terms(
+        [gram(t, center=True) for t in layers_a],
+        None if layers_b is None else [gram(t, center=True) for t in layers_b],
+        unbiased=unbiased,
+    )
+    one = torch.ones(1, dtype=torch.float64, device=terms.cross.device)
+    estimate = cka_estimate(terms.cross[None], terms.self_a[None], terms.self_b[None], one, joint=layers_b is None)
+    names = [f"xs[{i}]" for i in range(len(layers_a))]
+    warn_degenerate(names, estimate.degenerate_a)
+    if layers_b is not None:
+        warn_degenerate([f"ys[{i}]" for i in range(len(layers_b))], estimate.degenerate_b)
+    return estimate.value
 
 
 def _as_layer_list(layers: Sequence[Tensor] | Tensor, name: str) -> list[Tensor]:
@@ -143,42 +128,3 @@ def _as_layer_list(layers: Sequence[Tensor] | Tensor, name: str) -> list[Tensor]
         if not isinstance(t, Tensor):
             raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}.")
     return layers
-
-
-def _cka_compute(
-    hsic: Tensor,
-    num_layers_a: int,
-    cross: bool,
-    layer_names: Sequence[str] | None = None,
-) -> Tensor:
-    """CKA from (summed) pairwise HSIC: ``HSIC(a, b) / sqrt(HSIC(a, a)·HSIC(b, b))``.
-
-    Args:
-        hsic: ``(L, L)`` pairwise HSIC over the layers of A then B.
-        num_layers_a: number of leading layers that belong to A.
-        cross: return the ``(La, Lb)`` A-vs-B block instead of the full matrix.
-        layer_names: ``L`` names used in the warning about degenerate layers.
-
-    Returns:
-        ``(La, Lb)`` if ``cross``, else ``(L, L)`` with a unit diagonal on valid layers.
-
-    """
-    self_hsic = hsic.diagonal()
-    # A layer with constant features has a zero U-centered Gram, one with NaN/inf a non-finite one.
-    degenerate = ~torch.isfinite(self_hsic) | (self_hsic <= 0)
-    if degenerate.any():
-        bad = degenerate.nonzero().flatten().tolist()
-        names = [layer_names[i] if layer_names is not None else f"#{i}" for i in bad]
-        rank_zero_warn(
-            f"CKA is NaN for layer(s) {', '.join(names)}: their features are constant or contain NaN/inf on these "
-            "examples. The other entries are unaffected.",
-            UserWarning,
-        )
-    norm = torch.sqrt(self_hsic.clamp(min=0))
-    cka = hsic / (norm[:, None] * norm[None, :])
-    cka[degenerate, :] = float("nan")
-    cka[:, degenerate] = float("nan")
-    if cross:
-        return cka[:num_layers_a, num_layers_a:]
-    cka.diagonal()[~degenerate] = 1.0
-    return cka

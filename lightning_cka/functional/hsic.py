@@ -5,6 +5,7 @@ HSIC inner products, their sums) runs in float64.
 """
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -141,60 +142,144 @@ def _check_num_examples(n: int, min_n: int) -> None:
         )
 
 
+@dataclass
+class HsicTerms:
+    """The HSIC sums one minibatch contributes to every CKA of two lists of layers.
+
+    Attributes:
+        cross: ``(La, Lb)`` HSIC of every layer of A with every layer of B (``(L, L)``, symmetric, for A with itself).
+        self_a: ``(La,)`` HSIC of each layer of A with itself.
+        self_b: ``(Lb,)`` the same for B.
+        null: ``(K, La, Lb)`` HSIC of A with B after the examples of B were shuffled by each of ``K`` permutations.
+    """
+
+    cross: Tensor
+    self_a: Tensor
+    self_b: Tensor
+    null: Tensor
+
+
 def _pairwise_hsic(grams: Sequence[Tensor] | Tensor, unbiased: bool = True) -> Tensor:
-    """HSIC of every pair of ``L`` Gram matrices of the same ``n`` examples.
+    """HSIC of every pair of ``L`` Gram matrices of the same ``n`` examples: ``(L, L)`` float64, symmetric."""
+    return _hsic_terms(grams, unbiased=unbiased).cross
+
+
+def _hsic_terms(
+    grams_a: Sequence[Tensor] | Tensor,
+    grams_b: Sequence[Tensor] | Tensor | None = None,
+    permutations: Sequence[Tensor] = (),
+    unbiased: bool = True,
+) -> HsicTerms:
+    """HSIC of every layer of A with every layer of B (or of A with itself) on one minibatch.
 
     All pairs come from one matrix product of the stacked, flattened centered Grams: U-centered for the unbiased
-    estimator (their inner product is ``n(n-3)·HSIC₁``), double-centered ``HKH`` for the biased one. The product runs
-    over blocks of rows only when the float64 centered copy would exceed ``_HSIC_BLOCK_BYTES``. Each block is copied
-    from the Grams as they are given, so a list of Grams is never stacked into a second copy of all of them.
+    estimator (their inner product is ``n(n-3)·HSIC₁``), double-centered ``HKH`` for the biased one. Each permutation
+    ``p`` adds one more product, of A with B's centered Grams with rows and columns reordered by ``p`` (centering
+    commutes with reordering, so this is the HSIC of A with B on unrelated pairs of images: a permutation null). The
+    products run over blocks of rows only when the float64 centered copies would exceed ``_HSIC_BLOCK_BYTES``; each
+    block is copied from the Grams as they are given, so a list of Grams is never stacked into a second copy.
 
     Args:
-        grams: ``L`` symmetric ``(n, n)`` Gram matrices (a sequence, or an ``(L, n, n)`` tensor), any float dtype.
+        grams_a: ``La`` symmetric ``(n, n)`` Gram matrices (a sequence or an ``(La, n, n)`` tensor), any float dtype.
+        grams_b: ``Lb`` Grams of the same examples, or ``None`` for A with itself.
+        permutations: ``K`` permutations of ``range(n)`` (long tensors on the Grams' device).
         unbiased: Song et al. 2012 estimator if ``True``, Gretton et al. 2005 if ``False``.
 
     Returns:
-        ``(L, L)`` float64, symmetric.
-
+        The :class:`HsicTerms`, float64.
     """
-    num_layers, n, device = len(grams), grams[0].shape[0], grams[0].device
-    rows_per_block = max(1, _HSIC_BLOCK_BYTES // (num_layers * n * 8))
-    starts = range(0, n, rows_per_block)
-    # One float64 buffer serves every block: fresh block-sized temporaries cost more than the arithmetic.
-    buffer = torch.empty(num_layers * min(rows_per_block, n) * n, dtype=torch.float64, device=device)
-
-    def block(start: int) -> Tensor:
-        """Rows ``start:start + rows_per_block`` of every Gram as contiguous float64, ``(L, r, n)``."""
-        stop = min(start + rows_per_block, n)
-        rows = buffer[: num_layers * (stop - start) * n].view(num_layers, stop - start, n)
-        for i, g in enumerate(grams):
-            rows[i].copy_(g[start:stop])
-        return rows
-
+    side_a = _CenteredGrams(grams_a, unbiased)
+    side_b = side_a if grams_b is None else _CenteredGrams(grams_b, unbiased)
+    num_a, num_b, n, device = side_a.num_layers, side_b.num_layers, side_a.n, side_a.device
+    if side_b.n != n:
+        raise ValueError(f"A and B must hold the same examples, got n={n} and n={side_b.n}.")
+    copies = num_a + (num_b if grams_b is not None else 0) + (num_b if permutations else 0)
+    rows_per_block = max(1, _HSIC_BLOCK_BYTES // (copies * n * 8))
+    cross = torch.zeros(num_a, num_b, dtype=torch.float64, device=device)
+    self_a = torch.zeros(num_a, dtype=torch.float64, device=device)
+    self_b = torch.zeros(num_b, dtype=torch.float64, device=device)
+    null = torch.zeros(len(permutations), num_a, num_b, dtype=torch.float64, device=device)
     with torch.autocast(device.type, enabled=False):
+        for start in range(0, n, rows_per_block):
+            rows = slice(start, min(start + rows_per_block, n))
+            flat_a = side_a.rows(rows).view(num_a, -1)  # (La, r·n)
+            flat_b = flat_a if grams_b is None else side_b.rows(rows).view(num_b, -1)
+            cross.addmm_(flat_a, flat_b.T)
+            if grams_b is not None:
+                self_a += _row_dots(flat_a)
+                self_b += _row_dots(flat_b)
+            for k, perm in enumerate(permutations):
+                null[k].addmm_(flat_a, side_b.permuted_rows(perm, rows).view(num_b, -1).T)
+    if grams_b is None:  # symmetric up to rounding: mirror the upper triangle so each pair has exactly one value
+        cross = cross.triu() + cross.triu(1).T
+        self_a = self_b = cross.diagonal().clone()
+    scale = n * (n - 3) if unbiased else (n - 1) ** 2
+    return HsicTerms(cross / scale, self_a / scale, self_b / scale, null / scale)
+
+
+def _row_dots(flat: Tensor) -> Tensor:
+    """``(L,)`` squared norms of the rows of ``(L, m)`` without an ``(L, m)`` temporary."""
+    return (flat.unsqueeze(1) @ flat.unsqueeze(2)).flatten()
+
+
+class _CenteredGrams:
+    """Rows of the centered versions of a list of Grams, copied block by block into reused float64 buffers.
+
+    U-centering (unbiased) sets ``Ũᵢⱼ = Gᵢⱼ - rᵢ/(n-2) - rⱼ/(n-2) + s/((n-1)(n-2))`` off the diagonal and ``0`` on it,
+    with ``r`` the row sums of the Gram without its diagonal and ``s`` their total; double-centering (biased) uses the
+    full row sums over ``n`` and keeps the diagonal.
+    """
+
+    def __init__(self, grams: Sequence[Tensor] | Tensor, unbiased: bool) -> None:
+        self.grams = grams
+        self.unbiased = unbiased
+        self.num_layers, self.n, self.device = len(grams), grams[0].shape[0], grams[0].device
+        # One buffer per use, reused block after block: fresh block-sized temporaries cost more than the arithmetic.
+        self._buffers: dict[str, Tensor] = {}
+        n = self.n
+        rows_per_block = max(1, _HSIC_BLOCK_BYTES // (self.num_layers * n * 8))
         # Row sums (also the column sums: Grams are symmetric), a block at a time, since
         # grams.sum(dtype=torch.float64) would first copy every Gram to float64.
-        row_sums = torch.cat([block(start).sum(dim=2) for start in starts], dim=1)  # (L, n)
+        blocks = [slice(s, min(s + rows_per_block, n)) for s in range(0, n, rows_per_block)]
+        row_sums = torch.cat([self._copy(rows).sum(dim=2) for rows in blocks], dim=1)  # (L, n)
         if unbiased:
             row_sums -= torch.stack([g.diagonal() for g in grams]).to(torch.float64)
-            row_term = row_sums / (n - 2)
-            total_term = row_sums.sum(dim=1) / ((n - 1) * (n - 2))  # (L,)
-            scale = n * (n - 3)
+            self.row_term = row_sums / (n - 2)
+            self.total_term = row_sums.sum(dim=1) / ((n - 1) * (n - 2))  # (L,)
         else:
-            row_term = row_sums / n
-            total_term = row_sums.sum(dim=1) / n**2
-            scale = (n - 1) ** 2
-        out = torch.zeros(num_layers, num_layers, dtype=torch.float64, device=device)
-        for start in starts:
-            centered = block(start)  # (L, r, n)
-            stop = start + centered.shape[1]
-            centered -= row_term[:, start:stop, None] - total_term[:, None, None]  # an (L, r, 1) term, in place
-            centered -= row_term[:, None, :]
-            if unbiased:
-                rows = torch.arange(start, stop, device=device)
-                centered[:, rows - start, rows] = 0.0
-            flat = centered.view(num_layers, -1)  # (L, r·n)
-            out.addmm_(flat, flat.T)
-    # The product is symmetric up to rounding; mirror the upper triangle so each pair has exactly one value.
-    out = out.triu() + out.triu(1).T
-    return out / scale
+            self.row_term = row_sums / n
+            self.total_term = row_sums.sum(dim=1) / n**2
+
+    def _buffer(self, use: str, rows: int) -> Tensor:
+        size = self.num_layers * rows * self.n
+        buffer = self._buffers.get(use)
+        if buffer is None or buffer.numel() < size:
+            buffer = self._buffers[use] = torch.empty(size, dtype=torch.float64, device=self.device)
+        return buffer[:size].view(self.num_layers, rows, self.n)
+
+    def _copy(self, rows: slice | Tensor, use: str = "rows") -> Tensor:
+        """Rows ``rows`` of every Gram as contiguous float64 ``(L, r, n)``."""
+        count = rows.numel() if isinstance(rows, Tensor) else rows.stop - rows.start
+        out = self._buffer(use, count)
+        for i, g in enumerate(self.grams):
+            out[i].copy_(g[rows])
+        return out
+
+    def _center(self, block: Tensor, rows: slice | Tensor) -> Tensor:
+        """Center ``block``, rows ``rows`` of the Grams in their original column order, in place."""
+        block -= self.row_term[:, rows, None] - self.total_term[:, None, None]  # an (L, r, 1) term, in place
+        block -= self.row_term[:, None, :]
+        if self.unbiased:
+            index = torch.arange(self.n, device=self.device)[rows]
+            block[:, torch.arange(index.numel(), device=self.device), index] = 0.0
+        return block
+
+    def rows(self, rows: slice) -> Tensor:
+        """Rows ``rows`` of the centered Grams, ``(L, r, n)``."""
+        return self._center(self._copy(rows), rows)
+
+    def permuted_rows(self, perm: Tensor, rows: slice) -> Tensor:
+        """Rows ``rows`` of the centered Grams of the examples reordered by ``perm``: ``U[perm[rows]][:, perm]``."""
+        block = self._center(self._copy(perm[rows], "gathered"), perm[rows])
+        out = self._buffer("permuted", block.shape[1])
+        return torch.index_select(block, 2, perm, out=out)

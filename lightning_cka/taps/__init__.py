@@ -1,7 +1,6 @@
-"""The bridge between a real model and the math: layer choice, Gram-recording hooks, attention taps."""
+"""The bridge between a real model and the math: layer choice, hooks that reduce outputs on the spot, probe mode."""
 
 from lightning_cka.taps.layers import find_layers
 from lightning_cka.taps.probe_mode import probe_mode
-from lightning_cka.taps.recorder import Recorder
 
-__all__ = ["Recorder", "find_layers", "probe_mode"]
+__all__ = ["find_layers", "probe_mode"]

@@ -1,74 +1,164 @@
 """Attention probabilities of timm attention modules during a probe, fused kernels or not.
 
 With ``fused_attn`` on, ``F.scaled_dot_product_attention`` runs and no attention matrix ever exists. Instead of
-re-running ``qkv`` (a quarter of a ViT's FLOPs), the taps read ``q`` and ``k`` where the module already has them: the
+re-running ``qkv`` (a quarter of a ViT's FLOPs), the tap reads ``q`` and ``k`` where the module already has them: the
 outputs of its ``q_norm`` and ``k_norm`` submodules (``nn.Identity`` without QK-norm), which timm's ``Attention``
 calls in that order right before the attention product. The probabilities ``softmax(q·scale @ kᵀ + mask)`` are then
-formed in float32, a few images at a time, and handed to a :class:`MeanAttentionDistance` metric; the module's own
-forward, fused kernel included, is untouched.
+formed in float32, a few images at a time, and handed to :meth:`AttentionTap.consume`; the module's own forward,
+fused kernel included, is untouched.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 from timm.layers import Attention
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
+from typing_extensions import override
 
-from lightning_cka.metrics.attention_distance import MeanAttentionDistance
+from lightning_cka.functional.attention import patch_distances
+from lightning_cka.taps.base import Tap
 
 
 def is_supported_attention(module: nn.Module) -> bool:
-    """Timm's ``Attention`` (ViT, DeiT, ...) or a subclass that keeps its forward."""
+    """Timm's ``Attention`` (ViT, DeiT, register and hybrid ViTs, PiT) or a subclass that keeps its forward."""
     return isinstance(module, Attention) and type(module).forward is Attention.forward
 
 
 @dataclass(frozen=True)
-class PatchGeometry:
-    """Where the patch tokens of a ViT-style model sit in the image."""
+class AttentionSite:
+    """One attention module and where its patch tokens sit in the image.
 
-    grid_size: tuple[int, int]
-    patch_size: tuple[int, int]
+    Attributes:
+        name: module name.
+        num_heads: heads of the module.
+        num_prefix_tokens: leading non-patch tokens (CLS, distillation, registers).
+        grid: patch grid ``(gh, gw)`` at the model's construction size.
+        stride: distance in input pixels between neighbouring tokens ``(sh, sw)``: the patch size of a plain ViT, the
+            backbone stride times the patch size of a hybrid ViT (``patch_embed.feat_ratio()``).
+        embed: name of the patch embedding, whose output tells the actual grid of dynamic-size ViTs.
+    """
+
+    name: str
+    num_heads: int
     num_prefix_tokens: int
+    grid: tuple[int, int]
+    stride: tuple[float, float]
+    embed: str
+
+    @property
+    def uniform_distance(self) -> float:
+        """Mean distance of a head that attends to every patch alike, in pixels: the scale of local and global."""
+        return float(patch_distances(self.grid, self.stride).mean())
 
 
-def patch_geometry(model: nn.Module) -> PatchGeometry | None:
-    """Geometry from timm's ``patch_embed.grid_size``, ``patch_embed.patch_size`` and ``num_prefix_tokens``."""
-    embed = getattr(model, "patch_embed", None)
-    grid, patch = getattr(embed, "grid_size", None), getattr(embed, "patch_size", None)
-    if grid is None or patch is None:
+def attention_sites(modules: Mapping[str, nn.Module]) -> list[AttentionSite]:
+    """Every supported attention module of a model that sits under a ``patch_embed`` with a patch grid."""
+    sites = []
+    for name, module in modules.items():
+        if not is_supported_attention(module):
+            continue
+        parts = name.split(".")
+        for depth in range(len(parts) - 1, -1, -1):
+            owner_name = ".".join(parts[:depth])
+            geometry = _geometry(modules[owner_name])
+            if geometry is not None:
+                grid, stride, prefix = geometry
+                embed = f"{owner_name}.patch_embed" if owner_name else "patch_embed"
+                sites.append(AttentionSite(name, module.num_heads, prefix, grid, stride, embed))
+                break
+    return sites
+
+
+def _geometry(owner: nn.Module) -> tuple[tuple[int, int], tuple[float, float], int] | None:
+    embed = getattr(owner, "patch_embed", None)
+    grid = getattr(embed, "grid_size", None)
+    if grid is None:
         return None
-    return PatchGeometry(tuple(grid), tuple(patch), int(getattr(model, "num_prefix_tokens", 1)))
+    if callable(getattr(embed, "feat_ratio", None)):  # PatchEmbed: the patch size; HybridEmbed: backbone stride x patch
+        stride = embed.feat_ratio(as_scalar=False)
+    elif isinstance(getattr(embed, "conv", None), nn.Conv2d):  # PiT's overlapping patches
+        stride = embed.conv.stride
+    else:
+        stride = embed.patch_size
+    stride = (stride, stride) if isinstance(stride, int | float) else tuple(stride)
+    if hasattr(owner, "num_prefix_tokens"):
+        prefix = int(owner.num_prefix_tokens)
+    else:
+        prefix = int(getattr(owner, "num_tokens", 1))
+    return (int(grid[0]), int(grid[1])), (float(stride[0]), float(stride[1])), prefix
 
 
-class AttentionTap:
-    """Hooks on one timm ``Attention`` module that feed its attention maps to a metric."""
+class AttentionTap(Tap):
+    """Hooks on the attention modules ``sites`` that hand their attention probabilities to :meth:`consume`.
 
-    def __init__(self, name: str, module: nn.Module, layer: int, sink: MeanAttentionDistance) -> None:
-        self.name = name
-        self.module = module
-        self.layer = layer
-        self.sink = sink
-        self._q: Tensor | None = None
-        self._bias: Tensor | None = None
+    A module whose tokens are not its prefix tokens plus the patch grid (PiT's pooled stages) is skipped: it never
+    reaches :meth:`consume`, and :attr:`skipped` says why.
 
-    def register(self) -> list[RemovableHandle]:
-        """Install the hooks; the caller removes them through the returned handles."""
-        return [
-            self.module.register_forward_pre_hook(self._on_call, with_kwargs=True),
-            self.module.q_norm.register_forward_hook(self._keep(lambda q: setattr(self, "_q", q))),
-            self.module.k_norm.register_forward_hook(self._keep(self._on_k)),
-        ]
+    Args:
+        sites: the attention modules.
+    """
 
-    @staticmethod
-    def _keep(fn: Callable[[Tensor], None]) -> Callable:
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            fn(output)
+    def __init__(self, sites: list[AttentionSite]) -> None:
+        self.sites = list(sites)
+        self.key = ("attention", type(self).__name__, tuple(site.name for site in sites))
+        self.skipped: dict[str, str] = {}
+        self._grids: dict[str, tuple[int, int]] = {}
+        self._distances: dict[tuple, Tensor] = {}
+
+    def consume(self, layer: int, probs: Tensor, distances: Tensor) -> None:
+        """Take ``(b, H, T, T)`` float32 probabilities of site ``layer`` and the ``(P, P)`` patch distances."""
+        raise NotImplementedError
+
+    @override
+    def hooks(self, modules: Mapping[str, nn.Module]) -> list[RemovableHandle]:
+        handles = []
+        for embed in {site.embed for site in self.sites}:
+            handles.append(modules[embed].register_forward_hook(self._grid_hook(embed)))
+        for layer, site in enumerate(self.sites):
+            module = modules[site.name]
+            capture = _QKCapture(self, layer, site, float(module.scale))
+            handles += [
+                module.register_forward_pre_hook(capture.on_call, with_kwargs=True),
+                module.q_norm.register_forward_hook(capture.on_q),
+                module.k_norm.register_forward_hook(capture.on_k),
+            ]
+        return handles
+
+    def _grid_hook(self, embed: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: object) -> None:
+            # Dynamic-size ViTs embed to (B, gh, gw, C); otherwise the grid is the one of the construction size.
+            if isinstance(output, Tensor) and output.dim() == 4:
+                self._grids[embed] = (int(output.shape[1]), int(output.shape[2]))
 
         return hook
 
-    def _on_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    @override
+    def begin(self, inputs: Tensor | None) -> None:
+        self._grids = {}
+
+    def grid(self, site: AttentionSite) -> tuple[int, int]:
+        """The patch grid of the forward pass that is running."""
+        return self._grids.get(site.embed, site.grid)
+
+    def distances(self, site: AttentionSite, grid: tuple[int, int], device: torch.device) -> Tensor:
+        """``(P, P)`` pixel distances between the patches of ``grid`` (cached)."""
+        key = (grid, site.stride, device)
+        if key not in self._distances:
+            self._distances[key] = patch_distances(grid, site.stride, device=device)
+        return self._distances[key]
+
+
+class _QKCapture:
+    """The hooks of one attention module: the call's mask, then ``q``, then ``k``, which triggers the probabilities."""
+
+    def __init__(self, tap: AttentionTap, layer: int, site: AttentionSite, scale: float) -> None:
+        self.tap, self.layer, self.site, self.scale = tap, layer, site, scale
+        self._q: Tensor | None = None
+        self._bias: Tensor | None = None
+
+    def on_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         x = args[0] if args else kwargs["x"]
         mask = kwargs.get("attn_mask", args[1] if len(args) > 1 else None)
         causal = kwargs.get("is_causal", args[2] if len(args) > 2 else False)
@@ -81,19 +171,30 @@ class AttentionTap:
             self._bias = None if mask is None else mask.float()
         self._q = None
 
-    def _on_k(self, k: Tensor) -> None:
+    def on_q(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        self._q = output
+
+    def on_k(self, module: nn.Module, args: tuple, k: Tensor) -> None:
         q, self._q = self._q, None
         if q is None:
             raise RuntimeError(
-                f"attention module '{self.name}' called k_norm without q_norm first; its forward is not the one of "
-                "timm.layers.Attention. Pass attention=False."
+                f"attention module '{self.site.name}' called k_norm without q_norm first; its forward is not the one "
+                "of timm.layers.Attention. Pass attention=False."
             )
         batch, _heads, tokens, head_dim = q.shape  # (B, H, T, d)
+        grid = self.tap.grid(self.site)
+        if tokens != self.site.num_prefix_tokens + grid[0] * grid[1]:
+            self.tap.skipped[self.site.name] = (
+                f"its {tokens} tokens are not {self.site.num_prefix_tokens} prefix tokens + a {grid[0]}x{grid[1]} "
+                "patch grid (a pooled stage, as in PiT, has a grid of its own)"
+            )
+            return
+        distances = self.tap.distances(self.site, grid, q.device)
         # Keep each chunk of (b, H, T, T) probabilities about as large as the module's (B, T, H·d) input.
         chunk = max(1, batch * head_dim // tokens)
         with torch.autocast(q.device.type, enabled=False):
             for start in range(0, batch, chunk):
-                scores = (q[start : start + chunk].float() * self.module.scale) @ k[start : start + chunk].float().mT
+                scores = (q[start : start + chunk].float() * self.scale) @ k[start : start + chunk].float().mT
                 if self._bias is not None:
                     scores = scores + self._bias
-                self.sink.update(scores.softmax(dim=-1), layer=self.layer)  # (b, H, T, T)
+                self.tap.consume(self.layer, scores.softmax(dim=-1), distances)  # (b, H, T, T)

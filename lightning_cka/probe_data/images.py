@@ -1,4 +1,7 @@
-"""The probe images that ``lightning-cka analyze --data`` names, resized and normalized for the model."""
+"""Probe images from a named source (``lightning-cka analyze --data``): digits, an image folder, an ``.npz`` or noise.
+
+Every problem the user can fix is a ``ValueError`` whose message names the source and the fix.
+"""
 
 import zipfile
 from collections.abc import Sequence
@@ -13,8 +16,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset
 
-from lightning_cka.cli.errors import CLIError
-from lightning_cka.data import minibatch_slices
+from lightning_cka.probe_data.batches import minibatch_slices
 
 NPZ_IMAGE_KEYS = ("x_test", "x", "images")
 
@@ -44,7 +46,7 @@ def input_config(
 
 
 @dataclass
-class Probe:
+class ImageSource:
     """Probe images as minibatches made on demand, so only one minibatch of full-size images is ever in memory.
 
     Attributes:
@@ -67,7 +69,7 @@ def probe_images(
     batch_size: int,
     seed: int = 0,
     num_workers: int = 0,
-) -> Probe:
+) -> ImageSource:
     """The probe images that ``--data`` names, a seeded random sample of ``num_examples`` of them.
 
     Args:
@@ -84,13 +86,13 @@ def probe_images(
         num_workers: DataLoader worker processes decoding an image folder.
 
     Raises:
-        CLIError: an unknown source, a missing optional dependency, unusable arrays, or fewer than 4 images.
+        ValueError: an unknown source, a missing optional dependency, unusable arrays, or fewer than 4 images.
     """
     generator = torch.Generator().manual_seed(seed)
     if spec == "random":
         slices = _slices(num_examples, batch_size)
         batches = (torch.randn(s.stop - s.start, 3, *size, generator=generator) for s in slices)
-        return Probe(batches, num_examples, f"{num_examples} Gaussian random images")
+        return ImageSource(batches, num_examples, f"{num_examples} Gaussian random images")
     if spec == "digits":
         images, what = _digits(), "scikit-learn digits"
     elif Path(spec).is_dir():
@@ -98,25 +100,27 @@ def probe_images(
     elif Path(spec).is_file() and spec.endswith(".npz"):
         images, what = _npz_images(Path(spec)), spec
     else:
-        raise CLIError(f"--data {spec}: not 'random', 'digits', a directory of class folders or an existing .npz file.")
+        raise ValueError(
+            f"--data {spec}: not 'random', 'digits', a directory of class folders or an existing .npz file."
+        )
     indices = torch.randperm(len(images), generator=generator)[:num_examples]
     slices = _slices(len(indices), batch_size)
     batches = (_prepare(images[indices[s].numpy()], size, mean, std) for s in slices)
-    return Probe(batches, len(indices), f"{len(indices)} of the {len(images)} images of {what}")
+    return ImageSource(batches, len(indices), f"{len(indices)} of the {len(images)} images of {what}")
 
 
 def _slices(num_examples: int, batch_size: int) -> list[slice]:
     try:
         return minibatch_slices(num_examples, batch_size)
     except ValueError as err:  # a source with fewer than 4 images
-        raise CLIError(f"--data: {err}") from err
+        raise ValueError(f"--data: {err}") from err
 
 
 def _digits() -> np.ndarray:
     try:
         from sklearn.datasets import load_digits
     except ImportError as err:
-        raise CLIError(
+        raise ValueError(
             "--data digits needs scikit-learn: pip install 'lightning-cka[examples]' (or scikit-learn)."
         ) from err
     grey = load_digits().images * (255 / 16)  # pixel values 0..16
@@ -128,12 +132,14 @@ def _npz_images(path: Path) -> np.ndarray:
         with np.load(path, allow_pickle=False) as data:
             key = next((k for k in NPZ_IMAGE_KEYS if k in data.files), None)
             if key is None:
-                raise CLIError(f"--data {path} has none of the keys {', '.join(NPZ_IMAGE_KEYS)} (it has {data.files}).")
+                raise ValueError(
+                    f"--data {path} has none of the keys {', '.join(NPZ_IMAGE_KEYS)} (it has {data.files})."
+                )
             images = data[key]
     except (ValueError, OSError, zipfile.BadZipFile) as err:
-        raise CLIError(f"--data {path} cannot be read as .npz arrays: {err}") from err
+        raise ValueError(f"--data {path} cannot be read as .npz arrays: {err}") from err
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise CLIError(
+        raise ValueError(
             f"--data {path}: {key} must hold uint8 RGB images (N, H, W, 3), got {images.dtype} {images.shape}."
         )
     return images
@@ -156,12 +162,12 @@ def _image_folder(
     batch_size: int,
     generator: torch.Generator,
     num_workers: int,
-) -> Probe:
+) -> ImageSource:
     try:
         from torchvision import transforms
         from torchvision.datasets import ImageFolder
     except ImportError as err:
-        raise CLIError(
+        raise ValueError(
             "--data DIRECTORY needs torchvision: pip install 'lightning-cka[examples]' (or torchvision)."
         ) from err
     split = next((root / s for s in ("val", "test") if (root / s).is_dir()), root)
@@ -175,9 +181,9 @@ def _image_folder(
     try:
         folder = ImageFolder(str(split), transform=transform)
     except OSError as err:
-        raise CLIError(f"--data {split}: {err}") from err
+        raise ValueError(f"--data {split}: {err}") from err
     indices = torch.randperm(len(folder), generator=generator)[:num_examples].tolist()
     slices = _slices(len(indices), batch_size)
     sampler = [list(range(s.start, s.stop)) for s in slices]
     loader = DataLoader(Subset(folder, indices), batch_sampler=sampler, num_workers=num_workers)
-    return Probe(loader, len(indices), f"{len(indices)} of the {len(folder)} images in {split}")
+    return ImageSource(loader, len(indices), f"{len(indices)} of the {len(folder)} images in {split}")

@@ -1,0 +1,59 @@
+"""``lightning-cka plot RUN --out DIR``: every figure of one probe as print-quality files (the thesis use)."""
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from lightning_cka.cli.options import RUN_HELP, add_local_threshold, sentence, step
+
+FORMATS = ("png", "pdf", "svg")
+
+
+def add_command(commands: Any) -> None:
+    """Add the subcommand to the ``commands`` of the ``lightning-cka`` parser."""
+    help_ = "write every figure of one probe as PNG, PDF or SVG files"
+    parser = commands.add_parser(
+        "plot",
+        help=help_,
+        description=f"{sentence(help_)}: the pictures the monitor logs to TensorBoard (the same figures), at print "
+        "quality, one file per figure named after its tag (cka/intra -> cka_intra.pdf).",
+    )
+    parser.add_argument("run", metavar="RUN", help=RUN_HELP)
+    parser.add_argument("--step", type=step, default="last", help="the probe's global step (default: the last)")
+    parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder of the files")
+    parser.add_argument(
+        "--format", nargs="+", choices=FORMATS, default=["png"], help="file formats (default: png); several allowed"
+    )
+    parser.add_argument("--dpi", type=int, default=300, help="resolution of PNG files (default: 300)")
+    add_local_threshold(parser)
+    parser.set_defaults(handler=_main)
+
+
+def _main(args: argparse.Namespace) -> None:
+    from lightning_cka.cli.errors import CLIError
+    from lightning_cka.cli.runs import read_run
+    from lightning_cka.engine.analysis import View
+    from lightning_cka.figures.render import draw_figure
+
+    if args.dpi < 10:
+        raise CLIError(f"--dpi must be at least 10, got {args.dpi}.")
+    run = read_run(args.run)
+    result = run.probe(args.step)
+    earlier = [s for s in run.steps if s < result.step]
+    previous = run.probes[earlier[-1]] if earlier and not run.single_file else None
+    figures = result.figures(previous, View(run=result.run or run.label, local_threshold=args.local_threshold))
+    if not figures:
+        raise CLIError(f"step {result.step} of {args.run} holds nothing to draw.")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        written = []
+        for figure in figures:
+            drawing = draw_figure(figure)
+            for fmt in args.format:
+                path = args.out / f"{figure.tag.replace('/', '_')}.{fmt}"
+                drawing.fig.savefig(path, dpi=args.dpi)
+                written.append(path)
+    except OSError as err:
+        raise CLIError(f"cannot write to --out {args.out}: {err}") from err
+    print(f"step {result.step} of {run.spec}: wrote {len(written)} files to {args.out}")
+    print("\n".join(f"  {path.name}" for path in written))

@@ -1,0 +1,1 @@
+"""The CKA dashboard of TensorBoard: the tensor summaries the monitor writes, and the plugin that shows them."""

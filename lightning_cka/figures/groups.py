@@ -1,0 +1,215 @@
+"""Two groups of runs set against each other, figure by figure: group means, their difference, and which part is real.
+
+Every figure of a probe compares the same way by its panels' kinds, so every analysis is compared without code of its
+own: heatmaps become the two group means and their difference A - B with the cells that differ significantly marked;
+curves, dots and scatters overlay both groups with their spread.
+
+Significance per cell: Welch's t on the difference of the group means, with each side's variance of its mean either
+``s² / n`` over its ``n >= 2`` runs (``n - 1`` degrees of freedom) or, for a single run, its block-jackknife ``se²``
+(``M - 1`` degrees of freedom over its ``M`` minibatches); Benjamini-Hochberg across the cells of one heatmap keeps
+the false discovery rate at ``alpha``.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from lightning_cka.figures.cka import change_panel
+from lightning_cka.figures.spec import Curves, Dots, Figure, Heatmap, Line, Scatter, Series
+from lightning_cka.stats import benjamini_hochberg, welch_test
+
+
+@dataclass
+class Group:
+    """One side of a comparison: a label and, per run, its figures and its jackknife degrees of freedom."""
+
+    label: str
+    figures: list[list[Figure]]
+    jackknife_dof: list[int]
+
+    @property
+    def runs(self) -> int:
+        """Runs in the group."""
+        return len(self.figures)
+
+
+def compare_groups(a: Group, b: Group, alpha: float = 0.05, note: str = "") -> list[Figure]:
+    """One comparison figure per figure tag that every run of both groups has.
+
+    Args:
+        a: side A.
+        b: side B.
+        alpha: false discovery rate of the marked differences.
+        note: added to every caption (e.g. that the runs probed different images).
+
+    Raises:
+        ValueError: runs whose figures have other layers (rows, columns or x positions) than the first run's.
+    """
+    tags = [f.tag for f in a.figures[0]]
+    for runs in (a.figures, b.figures):
+        for figures in runs:
+            tags = [t for t in tags if t in {f.tag for f in figures}]
+    out = []
+    for tag in tags:
+        per_run_a = [next(f for f in figures if f.tag == tag) for figures in a.figures]
+        per_run_b = [next(f for f in figures if f.tag == tag) for figures in b.figures]
+        panels = []
+        for i in range(len(per_run_a[0].panels)):
+            panels += _compare_panels([f.panels[i] for f in per_run_a], [f.panels[i] for f in per_run_b], a, b, alpha)
+        caption = " ".join(p for p in (_caption(per_run_a[0], a, b, alpha), note) if p)
+        title = f"{per_run_a[0].title}: {a.label} vs {b.label}"
+        out.append(Figure(tag, title, tuple(panels), caption, _subtitle(per_run_a[0], per_run_b[0], a, b)))
+    return out
+
+
+def _compare_panels(pa: list, pb: list, a: Group, b: Group, alpha: float) -> list:
+    kind = type(pa[0])
+    _check_same_axes(pa + pb, a, b)
+    if kind is Heatmap:
+        return _heatmaps(pa, pb, a, b, alpha)
+    if kind is Dots:
+        return _dots(pa, pb, a, b)
+    if kind is Curves:
+        return [_curves(pa, pb, a, b)]
+    return [_scatter(pa, pb, a, b)]
+
+
+def _heatmaps(pa: list[Heatmap], pb: list[Heatmap], a: Group, b: Group, alpha: float) -> list[Heatmap]:
+    first = pa[0]
+    mean_a, var_a, dof_a = _group_stats([p.values for p in pa], [p.error for p in pa], a.jackknife_dof)
+    mean_b, var_b, dof_b = _group_stats([p.values for p in pb], [p.error for p in pb], b.jackknife_dof)
+    diff = mean_a - mean_b
+    p_values = welch_test(mean_a, var_a, dof_a, mean_b, var_b, dof_b)
+    if first.rows == first.cols:  # a layer with itself is no test
+        np.fill_diagonal(p_values, np.nan)
+    significant = benjamini_hochberg(p_values, alpha)
+    means = [
+        Heatmap(
+            m,
+            first.rows,
+            first.cols,
+            first.row_label,
+            first.col_label,
+            f"{g.label}{_mean_of(g)}",
+            first.vmin,
+            first.vmax,
+            first.cmap,
+            first.colorbar,
+        )
+        for m, g in ((mean_a, a), (mean_b, b))
+    ]
+    change = change_panel(diff, first.rows, first.cols, title=f"{a.label} − {b.label}")
+    change = Heatmap(
+        change.values,
+        change.rows,
+        change.cols,
+        first.row_label,
+        first.col_label,
+        change.title,
+        change.vmin,
+        change.vmax,
+        "diverging",
+        f"difference (scale ±{change.vmax:g})",
+        marked=significant,
+        mark_label=f"dot: {a.label} and {b.label} differ (FDR {alpha:g})",
+    )
+    return [*means, change]
+
+
+def _group_stats(
+    values: list[np.ndarray], errors: list[np.ndarray | None], dofs: list[int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean, variance of the mean and its degrees of freedom: over runs, or one run's jackknife."""
+    stack = np.stack(values)
+    if len(values) >= 2:
+        return stack.mean(axis=0), stack.var(axis=0, ddof=1) / len(values), np.full(stack.shape[1:], len(values) - 1.0)
+    error = errors[0] if errors[0] is not None else np.full(stack.shape[1:], np.nan)
+    return stack[0], np.square(error), np.full(stack.shape[1:], max(dofs[0] - 1, 1.0))
+
+
+def _dots(pa: list[Dots], pb: list[Dots], a: Group, b: Group) -> list:
+    """Every head of every run per group as dots, and per layer the group's mean over heads with its spread."""
+    first = pa[0]
+    pooled = [Series(g.label, np.concatenate([p.series[0].values for p in ps], axis=1)) for ps, g in ((pa, a), (pb, b))]
+    dots = Dots(first.x, tuple(pooled), first.x_label, first.y_label, first.title, _lines(pa, pb), None)
+    layer_means = []
+    for ps, g in ((pa, a), (pb, b)):
+        per_run = np.stack([np.nanmean(p.series[0].values, axis=1) for p in ps])  # (runs, layers)
+        spread = per_run.std(axis=0, ddof=1) if len(ps) > 1 else None
+        layer_means.append(Series(g.label, per_run.mean(axis=0), spread))
+    curves = Curves(first.x, tuple(layer_means), first.x_label, f"{first.y_label}, mean over heads", "", _lines(pa, pb))
+    return [dots, curves]
+
+
+def _curves(pa: list[Curves], pb: list[Curves], a: Group, b: Group) -> Curves:
+    first = pa[0]
+    series = []
+    for i, original in enumerate(first.series):
+        for ps, g in ((pa, a), (pb, b)):
+            stack = np.stack([p.series[i].values for p in ps])
+            spread = stack.std(axis=0, ddof=1) if len(ps) > 1 else ps[0].series[i].error
+            label = f"{g.label}: {original.label}" if original.label else g.label
+            series.append(Series(label, stack.mean(axis=0), spread))
+    return Curves(first.x, tuple(series), first.x_label, first.y_label, first.title, _lines(pa, pb), first.ylim)
+
+
+def _scatter(pa: list[Scatter], pb: list[Scatter], a: Group, b: Group) -> Scatter:
+    first = pa[0]
+    series = [
+        Series(g.label, np.concatenate([s.values for p in ps for s in p.series], axis=0))
+        for ps, g in ((pa, a), (pb, b))
+    ]
+    return Scatter(tuple(series), first.x_label, first.y_label, first.title, _lines(pa, pb))
+
+
+def _lines(pa: Sequence, pb: Sequence) -> tuple[Line, ...]:
+    """The reference lines of both groups, once each (the same threshold when the runs share their geometry)."""
+    seen: dict[tuple, Line] = {}
+    for panel in (*pa, *pb):
+        for line in panel.lines:
+            seen.setdefault((round(line.value, 6), line.label, line.axis), line)
+    return tuple(seen.values())
+
+
+def _check_same_axes(panels: list, a: Group, b: Group) -> None:
+    first = panels[0]
+    axes = (getattr(first, "rows", None), getattr(first, "cols", None), getattr(first, "x", None))
+    for panel in panels[1:]:
+        if (getattr(panel, "rows", None), getattr(panel, "cols", None), getattr(panel, "x", None)) != axes:
+            raise ValueError(
+                f"the runs of {a.label} and {b.label} monitor different layers ({_names(axes)} vs "
+                f"{_names((getattr(panel, 'rows', None), getattr(panel, 'cols', None), getattr(panel, 'x', None)))})."
+            )
+
+
+def _names(axes: tuple) -> str:
+    names = next((list(n) for n in axes if n), [])
+    return f"{len(names)}: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
+
+
+def _mean_of(group: Group) -> str:
+    return f", mean of {group.runs} runs" if group.runs > 1 else ""
+
+
+def _caption(figure: Figure, a: Group, b: Group, alpha: float) -> str:
+    if not any(isinstance(p, Heatmap) for p in figure.panels):
+        spread = "bars: sd over runs" if max(a.runs, b.runs) > 1 else "bands: one standard error"
+        return f"Both groups overlaid ({spread})."
+    test = (
+        "Welch's t over runs"
+        if min(a.runs, b.runs) > 1
+        else "Welch's t from each run's jackknife standard errors"
+        if max(a.runs, b.runs) == 1
+        else "Welch's t (a side with one run uses its jackknife standard errors)"
+    )
+    return (
+        f"Bottom: the difference of the means; dots mark cells where the groups differ ({test}, Benjamini-Hochberg "
+        f"across cells, FDR {alpha:g})."
+    )
+
+
+def _subtitle(fa: Figure, fb: Figure, a: Group, b: Group) -> str:
+    steps = {f.subtitle.split(" · ")[1] if " · " in f.subtitle else "" for f in (fa, fb)}
+    runs = f"{a.runs} vs {b.runs} run{'s' * (b.runs > 1)}"
+    return " · ".join(p for p in (runs, *sorted(s for s in steps if s)) if p)

@@ -1,0 +1,48 @@
+"""Named tensors summed over minibatches and, under DDP, over ranks: the state of most analyses."""
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+
+class TensorSums(Metric):
+    """Sums of named tensors of fixed shapes (``dist_reduce_fx="sum"``).
+
+    Args:
+        shapes: the shape of each sum by name.
+        kwargs: passed to :class:`torchmetrics.Metric`.
+
+    Example:
+        >>> import torch
+        >>> sums = TensorSums({"total": (2,), "count": ()})
+        >>> sums.update("total", torch.tensor([1.0, 2.0]))
+        >>> sums.update("total", torch.tensor(5.0), index=1)
+        >>> sums.update("count", torch.tensor(2.0))
+        >>> {name: value.tolist() for name, value in sums.compute().items()}
+        {'total': [1.0, 7.0], 'count': 2.0}
+    """
+
+    is_differentiable = False
+    higher_is_better = None
+    full_state_update = False
+
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.names = list(shapes)
+        for name, shape in shapes.items():
+            self.add_state(name, default=torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, name: str, value: Tensor, index: Any = None) -> None:
+        """Add ``value`` to the sum ``name`` (to its entries ``index``, when given)."""
+        state = getattr(self, name)
+        if index is None:
+            state += value.to(state.dtype)
+        else:
+            state[index] += value.to(state.dtype)
+
+    def compute(self) -> dict[str, Tensor]:
+        """Every sum by name."""
+        return {name: getattr(self, name) for name in self.names}

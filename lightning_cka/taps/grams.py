@@ -1,0 +1,154 @@
+"""The Gram tap: each monitored layer's output reduced to its ``(n, n)`` Gram matrix as it is produced."""
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+from typing_extensions import override
+
+from lightning_cka.functional.hsic import gram
+from lightning_cka.taps.base import Tap, first_tensor, owners
+
+Reduction = Literal["flatten", "cls", "mean"]
+REDUCTIONS = ("flatten", "cls", "mean")
+
+
+@dataclass
+class Grams:
+    """One forward pass through the monitored layers.
+
+    Attributes:
+        grams: ``(n, n)`` centered Gram matrix of each layer (float32; float64 for float64 models).
+        overflow: per layer, a 0-dim bool tensor: its features were finite but its Gram was not (values too large for
+            float32). Tensors, not bools, so that no hook waits for the device.
+        features: per layer, the number of features after the reduction.
+    """
+
+    grams: list[Tensor]
+    overflow: list[Tensor]
+    features: list[int]
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """How to find the CLS token and the patch tokens (or the spatial axes) in one layer's output."""
+
+    num_prefix_tokens: int  # leading non-patch tokens of (n, T, D) outputs (CLS, distillation, registers)
+    has_class_token: bool
+    channels_last: bool  # (n, H, W, C) instead of (n, C, H, W)
+
+
+def token_layout(modules: Mapping[str, nn.Module], name: str) -> TokenLayout:
+    """The layout of ``name``'s output, from the attributes timm sets on the network that holds it.
+
+    ``num_prefix_tokens`` and ``has_class_token`` come from the innermost owner that has them (timm ViTs; PiT keeps
+    ``cls_token`` and ``num_tokens``), ``channels_last`` from an owner with ``output_fmt == "NHWC"`` (Swin).
+    """
+    prefix, has_cls, channels_last = None, None, False
+    for owner in owners(modules, name):
+        if prefix is None and hasattr(owner, "num_prefix_tokens"):
+            prefix = int(owner.num_prefix_tokens)
+            has_cls = bool(getattr(owner, "has_class_token", getattr(owner, "cls_token", None) is not None))
+        elif prefix is None and isinstance(getattr(owner, "cls_token", None), Tensor):
+            prefix = int(getattr(owner, "num_tokens", owner.cls_token.shape[1]))
+            has_cls = True
+        if str(getattr(owner, "output_fmt", "")) in ("NHWC", "Format.NHWC"):
+            channels_last = True
+    return TokenLayout(prefix or 0, bool(has_cls), channels_last)
+
+
+def reduce_output(output: Tensor, reduction: Reduction, layout: TokenLayout, name: str) -> Tensor:
+    """What a layer's output becomes before its Gram: all features, the CLS token, or the mean over positions."""
+    if reduction == "flatten" or output.dim() == 2:
+        return output
+    if output.dim() == 3:
+        if reduction == "mean":
+            return output[:, layout.num_prefix_tokens :].mean(dim=1)  # (n, D) over patch tokens
+        if not layout.has_class_token:
+            raise ValueError(
+                f"reduction='cls' needs a class token, but layer '{name}' belongs to a model without one"
+                f"{' (its prefix tokens are registers)' if layout.num_prefix_tokens else ''}: use 'mean' or 'flatten'."
+            )
+        return output[:, 0]  # (n, D)
+    if output.dim() == 4 and reduction == "mean":
+        return output.mean(dim=(1, 2) if layout.channels_last else (2, 3))  # (n, C)
+    raise ValueError(
+        f"reduction={reduction!r} is not defined for layer '{name}' with output shape {tuple(output.shape)}: 'cls' "
+        "needs (n, T, D) tokens, 'mean' needs tokens or 4-D maps. Use reduction='flatten' (for a CNN reference, "
+        "reference_reduction='mean')."
+    )
+
+
+class LayerGrams(Tap):
+    """The centered Gram matrix of every monitored layer's output.
+
+    Each hook turns its layer's output into a Gram on the spot and keeps only that, so memory is ``O(layers × n²)``
+    whatever the feature size, and an in-place op that later overwrites the output (``nn.ReLU(inplace=True)``) cannot
+    change what was recorded.
+
+    Args:
+        layers: module names.
+        reduction: see :func:`reduce_output`.
+        layouts: each layer's :class:`TokenLayout`.
+    """
+
+    def __init__(self, layers: list[str], reduction: Reduction, layouts: list[TokenLayout]) -> None:
+        self.layers = list(layers)
+        self.reduction = reduction
+        self.layouts = layouts
+        self.key = ("grams", tuple(layers), reduction)
+        self._grams: dict[str, Tensor] = {}
+        self._overflow: dict[str, Tensor] = {}
+        self._features: dict[str, int] = {}
+        self._batch_size: int | None = None
+
+    @override
+    def hooks(self, modules: Mapping[str, nn.Module]) -> list[RemovableHandle]:
+        return [
+            modules[name].register_forward_hook(self._hook(name, layout))
+            for name, layout in zip(self.layers, self.layouts, strict=True)
+        ]
+
+    @override
+    def begin(self, inputs: Tensor | None) -> None:
+        self._grams, self._overflow, self._features = {}, {}, {}
+        self._batch_size = None if inputs is None else inputs.shape[0]
+
+    def _hook(self, name: str, layout: TokenLayout):
+        def hook(module: nn.Module, args: tuple, output: object) -> None:
+            if name in self._grams:
+                raise RuntimeError(
+                    f"module '{name}' ran more than once in one forward pass (a module reused at several places, "
+                    "like one nn.ReLU called twice), so it has no single output to compare. Monitor its parent block "
+                    "or a module that runs once."
+                )
+            features = reduce_output(first_tensor(output, name), self.reduction, layout, name)
+            if self._batch_size is not None and features.shape[0] != self._batch_size:
+                raise RuntimeError(
+                    f"layer '{name}' returned {tuple(features.shape)}, but the batch has {self._batch_size} examples: "
+                    "the first dim of a monitored output must be the batch."
+                )
+            g = gram(features, center=True)
+            # A non-finite Gram of finite features is an overflow, not a NaN in the model: say which it was.
+            self._overflow[name] = ~torch.isfinite(g).all() & torch.isfinite(features).all()
+            self._grams[name] = g
+            self._features[name] = features[0].numel()
+
+        return hook
+
+    @override
+    def collect(self) -> Grams:
+        missing = [name for name in self.layers if name not in self._grams]
+        if missing:
+            raise RuntimeError(
+                f"layer(s) {', '.join(missing)} did not run in the latest forward pass (or no forward pass ran). "
+                "Choose layers the forward pass uses."
+            )
+        return Grams(
+            [self._grams[n] for n in self.layers],
+            [self._overflow[n] for n in self.layers],
+            [self._features[n] for n in self.layers],
+        )
