@@ -7,7 +7,9 @@ import torch.nn.functional as F
 
 from lightning_cka import MeanAttentionDistance, Recorder
 from lightning_cka.functional import mean_attention_distance, patch_distances
-from lightning_cka.taps.attention import AttentionTap
+from lightning_cka.taps.attention import AttentionSite, AttentionTap, attention_sites
+from lightning_cka.taps.base import TapSet
+from lightning_cka.taps.layers import named_modules
 
 
 def grid_mean_pairwise_distance(gh, gw, patch):
@@ -15,14 +17,18 @@ def grid_mean_pairwise_distance(gh, gw, patch):
     return patch * np.mean([np.hypot(a[0] - b[0], a[1] - b[1]) for a in coords for b in coords])
 
 
-class Collect:
-    """Stands in for the metric: keeps what an AttentionTap hands over."""
+class Collect(AttentionTap):
+    """Keeps every chunk of probabilities the tap hands over."""
 
-    def __init__(self):
+    def __init__(self, sites):
+        super().__init__(sites)
         self.maps = {}
 
-    def update(self, attn, layer):
-        self.maps.setdefault(layer, []).append(attn.clone())
+    def consume(self, layer, probs, distances):
+        self.maps.setdefault(layer, []).append(probs.clone())
+
+    def collect(self):
+        return None
 
 
 def manual_attention_maps(model, inputs):
@@ -42,15 +48,11 @@ def manual_attention_maps(model, inputs):
 
 
 def tapped_attention_maps(model, inputs):
-    sink = Collect()
-    taps = [AttentionTap(f"blocks.{i}.attn", b.attn, i, sink) for i, b in enumerate(model.blocks)]
-    handles = [h for tap in taps for h in tap.register()]
-    model.eval()
-    with torch.no_grad():
+    modules = named_modules(model)
+    tap = Collect(attention_sites(modules))
+    with TapSet(model, modules, [tap]):
         model(inputs)
-    for h in handles:
-        h.remove()
-    return [torch.cat(sink.maps[i]) for i in range(len(model.blocks))]
+    return [torch.cat(tap.maps[i]) for i in range(len(model.blocks))]
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"qk_norm": True}, {"class_token": False, "global_pool": "avg"}])
@@ -100,13 +102,13 @@ def test_attention_mask_is_respected():
     x = torch.randn(2, 101, 64)
     mask = torch.rand(101, 101) > 0.3
     mask.fill_diagonal_(True)
-    sink = Collect()
-    handles = AttentionTap("a", attn, 0, sink).register()
+    tap = Collect([AttentionSite("a", attn.num_heads, 1, (10, 10), (16.0, 16.0), "patch_embed")])
+    handles = tap.hooks({"a": attn, "patch_embed": torch.nn.Identity()})
     with torch.no_grad():
         attn(x, attn_mask=mask)
     for h in handles:
         h.remove()
-    got = torch.cat(sink.maps[0])
+    got = torch.cat(tap.maps[0])
     assert torch.all(got[..., ~mask] == 0)
     attn.fused_attn = False
     captured = []

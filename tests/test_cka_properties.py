@@ -38,8 +38,8 @@ def test_not_invariant_to_an_arbitrary_invertible_linear_map(rng, unbiased):
 def test_symmetric_in_its_arguments(rng, unbiased):
     x, y = randn(rng, 50, 9), randn(rng, 50, 3, 4)
     assert linear_cka(x, y, unbiased=unbiased).item() == pytest.approx(linear_cka(y, x, unbiased=unbiased).item())
-    xs = [x, y, x.square()]
-    assert torch.allclose(cka_matrix(xs, xs, unbiased=unbiased), cka_matrix(xs, xs, unbiased=unbiased).T)
+    xs, ys = [x, y], [x.square(), y.relu(), randn(rng, 50, 6)]
+    assert torch.allclose(cka_matrix(xs, ys, unbiased=unbiased), cka_matrix(ys, xs, unbiased=unbiased).T)
 
 
 def test_unbiased_cka_of_independent_features_is_near_zero_but_biased_is_not(rng):

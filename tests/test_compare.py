@@ -7,7 +7,6 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_cka import CKAResult, compare_models, find_layers
 from lightning_cka.functional import patch_distances
-from lightning_cka.taps.attention import patch_geometry
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +50,7 @@ def test_matches_the_minibatch_reference_over_all_minibatches(models, images):
     assert np.abs(result.reference - last_only).max() > 1e-3  # not the "last minibatch wins" bug
     assert result.num_examples == 20
     assert result.layers == find_layers(vit) and result.reference_layers == find_layers(resnet)
-    assert result.mean_attention_distance.shape == (6, 2) and result.reference_mean_attention_distance.size == 0
+    assert result.mean_attention_distance.shape == (6, 2) and result.reference_mean_attention_distance is None
 
 
 def test_tokens_are_compared_across_images_not_as_per_image_token_grams(models, images):
@@ -104,10 +103,9 @@ def test_save_load_roundtrip_and_plot(models, images, tmp_path):
     for field in ("intra", "reference", "reference_intra", "mean_attention_distance"):
         np.testing.assert_array_equal(getattr(loaded, field), getattr(result, field))
     assert loaded.step == -1 and loaded.num_examples == 8
-    geometry = patch_geometry(vit)
-    uniform = patch_distances(geometry.grid_size, geometry.patch_size).mean().item()
+    uniform = patch_distances((10, 10), 16).mean().item()  # test_vit: 160 px images in 16 px patches
     assert loaded.uniform_attention_distance == pytest.approx(uniform)  # the scale of "local" heads travels along
-    assert np.isnan(loaded.reference_uniform_attention_distance)  # the ResNet has no attention
+    assert loaded.reference_uniform_attention_distance is None  # the ResNet has no attention
     with np.load(path, allow_pickle=False) as raw:  # plain arrays, no pickle needed
         assert raw["layers"].dtype.kind == "U"
     fig = loaded.plot()
@@ -116,5 +114,71 @@ def test_save_load_roundtrip_and_plot(models, images, tmp_path):
 
 def test_load_rejects_foreign_files(tmp_path):
     np.savez(tmp_path / "x.npz", a=np.zeros(3))
-    with pytest.raises(ValueError, match="not a lightning-cka array file"):
+    with pytest.raises(ValueError, match="not a lightning-cka probe file"):
         CKAResult.load(tmp_path / "x.npz")
+    (tmp_path / "empty.npz").write_bytes(b"")
+    with pytest.raises(ValueError, match="cannot be read.*cut short"):
+        CKAResult.load(tmp_path / "empty.npz")
+    np.savez(tmp_path / "future.npz", layers=np.array(["a"]), intra=np.eye(1), format_version=np.array(99))
+    with pytest.raises(ValueError, match="newer lightning-cka"):
+        CKAResult.load(tmp_path / "future.npz")
+
+
+def test_files_of_version_one_still_load(tmp_path):
+    """lightning-cka 0.1 wrote every field, absent ones as empty arrays or NaN."""
+    np.savez(
+        tmp_path / "step_0000010.npz",
+        layers=np.array(["blocks.0", "blocks.1"]),
+        intra=np.array([[1.0, 0.5], [0.5, 1.0]]),
+        reference_layers=np.array([], dtype=str),
+        reference=np.zeros((0, 0)),
+        reference_intra=np.zeros((0, 0)),
+        previous=np.zeros((0, 0)),
+        attention_layers=np.array(["blocks.0.attn"]),
+        mean_attention_distance=np.array([[3.0, 9.0]]),
+        reference_attention_layers=np.array([], dtype=str),
+        reference_mean_attention_distance=np.zeros((0, 0)),
+        uniform_attention_distance=np.array(16.5),
+        reference_uniform_attention_distance=np.array(np.nan),
+        step=np.array(10),
+        epoch=np.array(1),
+        num_examples=np.array(64),
+    )
+    result = CKAResult.load(tmp_path / "step_0000010.npz")
+    assert result.step == 10 and result.epoch == 1 and result.num_examples == 64
+    assert result.reference is None and result.previous is None and result.reference_layers is None
+    assert result.uniform_attention_distance == 16.5 and result.reference_uniform_attention_distance is None
+    assert result.intra_se is None and result.probe_hash is None
+    assert [f.tag for f in result.figures()] == ["cka/intra", "attention/mean_distance"]
+
+
+def test_a_failed_write_leaves_no_file_under_the_final_name(models, images, tmp_path, monkeypatch):
+    vit, _ = models
+    result = compare_models(vit, data=images[:8], batch_size=8, attention=False)
+    path = result.save(tmp_path / "step_0000001.npz")
+    before = path.read_bytes()
+
+    def killed(fh, **arrays):
+        fh.write(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt  # as a kill mid-write would stop it
+
+    monkeypatch.setattr(np, "savez", killed)
+    with pytest.raises(KeyboardInterrupt):
+        result.save(path)
+    with pytest.raises(KeyboardInterrupt):
+        result.save(tmp_path / "step_0000002.npz")
+    assert path.read_bytes() == before  # the earlier, complete file is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0000001.npz"]  # nothing half-written is left
+
+
+def test_unknown_fields_are_an_error_that_names_them():
+    with pytest.raises(TypeError, match="no field.*'intar'"):
+        CKAResult(layers=["a"], intar=np.eye(1))
+
+
+def test_compare_models_errors_name_the_fix(models):
+    vit, _ = models
+    with pytest.raises(ValueError, match="permutations"):
+        compare_models(vit, data=torch.randn(8, 3, 160, 160), permutations=-1)
+    with pytest.raises(ValueError, match="minibatch_weights"):
+        compare_models(vit, data=torch.randn(8, 3, 160, 160), minibatch_weights="rows")

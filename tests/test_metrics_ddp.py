@@ -1,4 +1,5 @@
-"""Two CPU processes (gloo), each updating on its half of the minibatches, agree with one process over all of them."""
+"""Two CPU processes (gloo), each updating on its share of the minibatches, agree with one process over all of them:
+the CKA, its jackknife errors and replicates and the permutation null (the permutations follow the minibatch index)."""
 
 import torch
 import torch.distributed as dist
@@ -20,8 +21,8 @@ def make_batch(i):
 
 def metrics():
     return (
-        MinibatchCKA(num_layers_a=3),
-        MinibatchCKA(num_layers_a=3, num_layers_b=2),
+        MinibatchCKA(num_layers_a=3, num_minibatches=NUM_BATCHES, permutations=4),
+        MinibatchCKA(num_layers_a=3, num_layers_b=2, num_minibatches=NUM_BATCHES, permutations=4),
         MeanAttentionDistance(num_layers=1, num_heads=3, grid_size=2, patch_size=8),
     )
 
@@ -29,8 +30,8 @@ def metrics():
 def update(all_metrics, i):
     intra, cross, attention = all_metrics
     xs, ys, attn = make_batch(i)
-    intra.update(xs)
-    cross.update(xs, ys)
+    intra.update(xs, index=i)
+    cross.update(xs, ys, index=i)
     attention.update(attn, layer=0)
 
 
@@ -41,6 +42,7 @@ def worker(rank, world_size, init_file, out_file):
         for i in range(rank, NUM_BATCHES, world_size):
             update(all_metrics, i)
         results = [m.compute() for m in all_metrics]
+        results += [(m.estimate.se, m.estimate.null, m.estimate.replicates) for m in all_metrics[:2]]
         if rank == 0:
             torch.save(results, out_file)
     finally:
@@ -55,5 +57,7 @@ def test_ddp_sum_equals_single_process(tmp_path):
     single = metrics()
     for i in range(NUM_BATCHES):
         update(single, i)
-    for got, metric in zip(distributed, single, strict=False):
-        torch.testing.assert_close(got, metric.compute(), rtol=1e-12, atol=1e-12)
+    expected = [m.compute() for m in single]
+    expected += [(m.estimate.se, m.estimate.null, m.estimate.replicates) for m in single[:2]]
+    for got, want in zip(distributed, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, equal_nan=True)

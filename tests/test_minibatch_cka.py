@@ -113,10 +113,113 @@ def test_errors_name_the_problem(rng):
 
 
 def test_declared_sizes_allocate_states_up_front():
-    metric = MinibatchCKA(layer_names_a=["a", "b"], layer_names_b=["c"])
-    assert metric.hsic.shape == (3, 3)
-    metric.update([torch.randn(8, 3), torch.randn(8, 2)], [torch.randn(8, 4)])
-    assert metric.compute().shape == (2, 1)
+    metric = MinibatchCKA(layer_names_a=["a", "b"], layer_names_b=["c"], num_minibatches=3, permutations=2)
+    assert metric.cross.shape == (3, 2, 1) and metric.null.shape == (2, 2, 1) and metric.sizes.shape == (3,)
+    metric.update([torch.randn(8, 3), torch.randn(8, 2)], [torch.randn(8, 4)], index=2)
+    assert metric.compute().shape == (2, 1) and metric.estimate.num_minibatches == 1
+    with pytest.raises(IndexError, match="outside"):
+        metric.update([torch.randn(8, 3), torch.randn(8, 2)], [torch.randn(8, 4)], index=3)
+    with pytest.raises(ValueError, match="already added"):
+        metric.update([torch.randn(8, 3), torch.randn(8, 2)], [torch.randn(8, 4)], index=2)
+
+
+def leave_one_out_reference(data_a, data_b, weights=None):
+    """Jackknife by a plain loop: the reference minibatch CKA with each minibatch dropped in turn."""
+    m = len(data_a)
+    replicates = np.stack([
+        ref.minibatch_cka([d for j, d in enumerate(data_a) if j != i], [d for j, d in enumerate(data_b) if j != i])
+        for i in range(m)
+    ])
+    se = np.sqrt((m - 1) / m * ((replicates - replicates.mean(axis=0)) ** 2).sum(axis=0))
+    return replicates, se
+
+
+@pytest.mark.parametrize("num_batches", [2, 5])
+def test_jackknife_standard_error_matches_a_leave_one_out_loop(rng, num_batches):
+    data_a = batches(rng, num_batches, 12, [(5, 6)])
+    data_b = batches(rng, num_batches, 12, [(7,), (2, 3, 3)])
+    metric = MinibatchCKA(num_layers_a=2, num_layers_b=3, num_minibatches=num_batches)
+    for i in reversed(range(num_batches)):  # order does not matter, indices do
+        metric.update(data_a[i], data_b[i], index=i)
+    metric.compute()
+    replicates, se = leave_one_out_reference(as_numpy(data_a), as_numpy(data_b))
+    np.testing.assert_allclose(metric.estimate.replicates.numpy(), replicates, rtol=1e-6)
+    np.testing.assert_allclose(metric.estimate.se.numpy(), se, rtol=1e-6, atol=1e-12)
+
+
+def test_one_minibatch_has_no_standard_error(rng):
+    metric = MinibatchCKA()
+    metric.update(batches(rng, 1, 12, [(5,)])[0])
+    metric.compute()
+    assert torch.isnan(metric.estimate.se[0, 1]) and metric.estimate.replicates.shape[0] == 0
+
+
+def test_size_weighting_sums_unnormalized_inner_products_as_efficient_cka_does(rng):
+    sizes = (40, 6)  # a small last minibatch is where the two weightings differ
+    data = [batches(rng, 1, n, [(5,)])[0] for n in sizes]
+    equal, size = MinibatchCKA(), MinibatchCKA(minibatch_weights="size")
+    for layers in data:
+        equal.update(layers)
+        size.update(layers)
+    cross, self_a, self_b = 0.0, 0.0, 0.0
+    for layers in data:  # google's efficient_CKA: sums of <U(K), U(L)> = n(n-3) HSIC, normalized once
+        n = layers[0].shape[0]
+        k, l = (ref.gram(t.numpy()) for t in layers)  # noqa: E741
+        cross += n * (n - 3) * ref.hsic_unbiased(k, l)
+        self_a += n * (n - 3) * ref.hsic_unbiased(k, k)
+        self_b += n * (n - 3) * ref.hsic_unbiased(l, l)
+    assert size.compute()[0, 1].item() == pytest.approx(cross / np.sqrt(self_a * self_b), rel=1e-9)
+    assert equal.compute()[0, 1].item() == pytest.approx(ref.minibatch_cka(as_numpy(data), as_numpy(data))[0, 1])
+    assert abs(size.compute()[0, 1].item() - equal.compute()[0, 1].item()) > 1e-4
+
+
+def test_null_products_are_the_hsic_of_shuffled_pairings(rng):
+    data_a = batches(rng, 2, 10, [(4,)])
+    data_b = batches(rng, 2, 10, [(6,)])
+    metric = MinibatchCKA(num_layers_a=2, num_layers_b=2, num_minibatches=2, permutations=3, seed=7)
+    for i in range(2):
+        metric.update(data_a[i], data_b[i], index=i)
+    null = np.zeros((3, 2, 2))
+    for i in range(2):
+        for k, perm in enumerate(metric._permutations(i, 10, torch.device("cpu"))):
+            for a, xa in enumerate(data_a[i]):
+                for b, xb in enumerate(data_b[i]):
+                    null[k, a, b] += ref.hsic_unbiased(ref.gram(xa.numpy()), ref.gram(xb.numpy()[perm.numpy()]))
+    np.testing.assert_allclose(metric.null.numpy(), null, rtol=1e-7, atol=1e-12)
+
+
+def test_null_threshold_is_calibrated_for_independent_layers():
+    """Independent random layers: the fraction of cells above the 19-permutation threshold is near 5%."""
+    g = torch.Generator().manual_seed(3)
+    exceed, cells = 0, 0
+    for _ in range(40):
+        metric = MinibatchCKA(num_layers_a=4, num_layers_b=4, num_minibatches=3, permutations=19,
+                              seed=int(torch.randint(0, 10**6, (1,), generator=g)))
+        for i in range(3):
+            xs = [torch.randn(16, 5, generator=g, dtype=torch.float64) for _ in range(4)]
+            ys = [torch.randn(16, 5, generator=g, dtype=torch.float64) for _ in range(4)]
+            metric.update(xs, ys, index=i)
+        value = metric.compute()
+        exceed += int((value.abs() > metric.estimate.null).sum())
+        cells += value.numel()
+    rate = exceed / cells  # 640 cells: the binomial sd of a 5% rate is 0.9 points
+    assert 0.025 < rate < 0.08, rate
+
+
+def test_related_layers_exceed_the_null():
+    g = torch.Generator().manual_seed(4)
+    metric = MinibatchCKA(num_layers_a=1, num_layers_b=1, num_minibatches=2, permutations=19)
+    for i in range(2):
+        x = torch.randn(32, 6, generator=g, dtype=torch.float64)
+        metric.update([x], [x @ torch.randn(6, 6, generator=g, dtype=torch.float64)], index=i)
+    assert float(metric.compute()) > float(metric.estimate.null)  # torchmetrics squeezes a 1 x 1 result
+
+
+def test_too_few_permutations_can_never_be_significant(rng):
+    metric = MinibatchCKA(num_layers_a=1, num_layers_b=1, permutations=5)
+    metric.update(batches(rng, 1, 16, [])[0], batches(rng, 1, 16, [])[0])
+    metric.compute()
+    assert torch.isinf(metric.estimate.null).all()
 
 
 def test_nan_layer_gives_nan_row_and_column_and_one_warning_naming_it(rng):

@@ -116,13 +116,21 @@ def test_hooks_are_removed_on_exit_and_when_the_forward_raises():
         assert hook_count() > 0
         model(torch.randn(4, 3, 160, 160))
     assert hook_count() == 0
+    boom = model.blocks[1].register_forward_hook(lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError, match="boom"), Recorder(model):
-        model.blocks[1].register_forward_hook(lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
         model(torch.randn(4, 3, 160, 160))
-    for m in model.modules():
-        m._forward_hooks.clear()
-    assert hook_count() == 0
+    assert hook_count() == 1  # only the user's own hook is left
+    boom.remove()
     assert model.training
+
+
+def test_attention_starts_afresh_in_every_with_block():
+    model = timm.create_model("test_vit")
+    recorder = Recorder(model)
+    for _ in range(2):
+        with recorder as rec:
+            model(torch.randn(4, 3, 160, 160))
+        assert rec.attention.num_images.max().item() == 4  # not 8: the second block does not add to the first
 
 
 def test_a_module_called_twice_is_a_clear_error():

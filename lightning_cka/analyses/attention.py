@@ -38,13 +38,12 @@ class AttentionStatsTap(AttentionTap):
     @override
     def begin(self, inputs: Tensor | None) -> None:
         super().begin(inputs)
-        self._sums = {}
+        device = inputs.device if inputs is not None else torch.device("cpu")
+        shape = (len(self.sites), self.num_heads)
+        self._sums = {k: torch.zeros(shape, dtype=torch.float64, device=device) for k in _SUMS}
 
     @override
     def consume(self, layer: int, probs: Tensor, distances: Tensor) -> None:
-        if not self._sums:
-            shape = (len(self.sites), self.num_heads)
-            self._sums = {k: torch.zeros(shape, dtype=torch.float64, device=probs.device) for k in _SUMS}
         site = self.sites[layer]
         heads = probs.shape[1]
         self._sums["distance"][layer, :heads] += _attention_distance_update(
@@ -143,7 +142,7 @@ class AttentionStats(Analysis):
             out[f"{model.prefix}attention_layers"] = names
             out[f"{model.prefix}mean_attention_distance"] = distance[kept]
             out[f"{model.prefix}attention_entropy"] = entropy[kept]
-            out[f"{model.prefix}uniform_attention_distance"] = tap.sites[int(kept[0])].uniform_distance
+            out[f"{model.prefix}uniform_attention_distance"] = tap.uniform_distance(tap.sites[int(kept[0])])
             if skipped:
                 out[f"{model.prefix}attention_skipped"] = skipped
         return out

@@ -23,7 +23,8 @@ def add_command(commands: Any) -> None:
         help=help_,
         description=f"{sentence(help_)}, with compare_models. Given a checkpoint of a run with CKAMonitor, it uses "
         "the monitor's settings and saved probe images unless flags say otherwise. Writes OUT/"
-        f"{ANALYSIS_FILE} (the layout CKAMonitor writes, step -1, so 'compare', 'summary' and 'plot' read OUT as a run) "
+        f"{ANALYSIS_FILE} (the layout CKAMonitor writes, step -1, so 'compare', 'summary' and 'plot' read OUT "
+        "as a run) "
         "and one PNG per figure in OUT.",
     )
     parser.add_argument(

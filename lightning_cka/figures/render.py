@@ -469,7 +469,7 @@ def _ticks(set_ticks: Any, set_labels: Any, names: Sequence[str], count: int, pi
 
 def _axis_pixels(ax: Any, axis: str) -> float:
     """Approximate length of an axis in pixels before layout (the panel's share of the figure)."""
-    width, height = ax.figure.get_size_inches() * ax.figure.dpi
+    width, height = ax.figure.bbox.width, ax.figure.bbox.height  # a figure's or a subfigure's box, in pixels
     return 0.72 * width if axis == "x" else 0.62 * height / max(1, len(ax.figure.axes))
 
 

@@ -62,7 +62,7 @@ class MinibatchCKA(Metric):
                 [0.7200, 1.0000, 0.0300],
                 [0.0100, 0.0300, 1.0000]], dtype=torch.float64)
         >>> metric.estimate.se.round(decimals=2)[0]  # standard errors, from leaving one of the 3 minibatches out
-        tensor([0.0000, 0.0100, 0.0100], dtype=torch.float64)
+        tensor([0.0000, 0.0200, 0.0500], dtype=torch.float64)
 
     """
 
@@ -168,6 +168,18 @@ class MinibatchCKA(Metric):
         self.sizes[index] += n
         self._estimate = None
 
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        """Add one minibatch (as :meth:`update`) and return the CKA of that minibatch alone."""
+        alone = MinibatchCKA(
+            layer_names_a=self.layer_names_a,
+            layer_names_b=self.layer_names_b,
+            minibatch_weights=self.minibatch_weights,
+            warn=self.warn,
+        ).to(self.device)
+        alone.update(*args, **{k: v for k, v in kwargs.items() if k != "index"})
+        self.update(*args, **kwargs)
+        return alone.compute()
+
     def _claim(self, index: int | None) -> int:
         if index is None:
             index = self._next_index
@@ -262,7 +274,8 @@ class MinibatchCKA(Metric):
         joint = self._seen_layers is None or self._seen_layers[1] is None
         rows = self.layer_names_a or [str(i) for i in range(val.shape[0])]
         cols = (self.layer_names_a if joint else self.layer_names_b) or [str(i) for i in range(val.shape[1])]
-        return draw_panel(Heatmap(val, tuple(rows), tuple(cols)), ax=ax)
+        fig, ax, _ = draw_panel(Heatmap(val, tuple(rows), tuple(cols)), ax=ax)
+        return fig, ax
 
 
 def _names(names: Sequence[str] | None, count: int | None, side: str) -> list[str] | None:

@@ -104,6 +104,7 @@ class AttentionTap(Tap):
         self.sites = list(sites)
         self.key = ("attention", type(self).__name__, tuple(site.name for site in sites))
         self.skipped: dict[str, str] = {}
+        self.measured_grids: dict[str, tuple[int, int]] = {}  # the grid each site's distances were measured on
         self._grids: dict[str, tuple[int, int]] = {}
         self._distances: dict[tuple, Tensor] = {}
 
@@ -128,15 +129,23 @@ class AttentionTap(Tap):
 
     def _grid_hook(self, embed: str) -> Callable:
         def hook(module: nn.Module, args: tuple, output: object) -> None:
-            # Dynamic-size ViTs embed to (B, gh, gw, C); otherwise the grid is the one of the construction size.
+            # Dynamic-size ViTs embed to (B, gh, gw, C), PiT to (B, C, gh, gw); flat token outputs keep the grid of
+            # the construction size.
             if isinstance(output, Tensor) and output.dim() == 4:
-                self._grids[embed] = (int(output.shape[1]), int(output.shape[2]))
+                channels_last = "NHWC" in str(getattr(module, "output_fmt", ""))
+                grid = output.shape[1:3] if channels_last else output.shape[2:4]
+                self._grids[embed] = (int(grid[0]), int(grid[1]))
 
         return hook
 
     @override
     def begin(self, inputs: Tensor | None) -> None:
         self._grids = {}
+
+    def uniform_distance(self, site: AttentionSite) -> float:
+        """The uniform-attention distance on the grid the site was measured on (its construction grid before)."""
+        grid = self.measured_grids.get(site.name, site.grid)
+        return float(patch_distances(grid, site.stride).mean())
 
     def grid(self, site: AttentionSite) -> tuple[int, int]:
         """The patch grid of the forward pass that is running."""
@@ -190,6 +199,7 @@ class _QKCapture:
             )
             return
         distances = self.tap.distances(self.site, grid, q.device)
+        self.tap.measured_grids[self.site.name] = grid
         # Keep each chunk of (b, H, T, T) probabilities about as large as the module's (B, T, H·d) input.
         chunk = max(1, batch * head_dim // tokens)
         with torch.autocast(q.device.type, enabled=False):

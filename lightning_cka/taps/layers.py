@@ -20,8 +20,8 @@ def find_layers(model: nn.Module, spec: LayerSpec = "auto") -> list[str]:
     ========================================  ===============================  ==============================
     family                                    recognized by                    layers
     ========================================  ===============================  ==============================
-    ConvNeXt, Swin and other stage models     ``stages`` / ``layers`` of       ``stages.i.blocks.j``
-                                              stages that have ``blocks``
+    ConvNeXt, Swin, PiT and other stage       a container of stages that       ``stages.i.blocks.j``
+    models                                    all have ``blocks``
     EfficientNet, MobileNet                   ``blocks`` of ``Sequential``     ``blocks.i.j``
     ViT, DeiT and other ``.blocks`` models    ``blocks`` of blocks             ``blocks.i``
     ResNet style (timm and torchvision)       ``layer1``, ``layer2``, ...      ``layer1.0`` ... ``layer4.2``
@@ -122,8 +122,11 @@ def _auto_layers(model: nn.Module) -> list[str]:
 
 
 def _family_layers(module: nn.Module) -> list[str]:
-    for stages_attr in ("stages", "layers"):
-        stages = getattr(module, stages_attr, None)
+    # Stage models: a container of stages that each hold ``blocks`` (ConvNeXt and Swin ``stages`` / ``layers``, PiT
+    # ``transformers``); the patch embedding is left alone (a hybrid ViT's CNN backbone has stages too).
+    for stages_attr, stages in module.named_children():
+        if stages_attr == "patch_embed":
+            continue
         if _is_container(stages) and all(_is_container(getattr(s, "blocks", None)) for s in stages):
             return [
                 f"{stages_attr}.{i}.blocks.{j}"

@@ -1,0 +1,325 @@
+"""CKA of every attention head with every reference layer (Raghu et al. 2021, Figure 4 right).
+
+Taps the input of each timm attention module's output projection ``attn.proj``: ``(B, T, H·d)``, head-major, so head
+``h`` is channels ``h·d:(h+1)·d``. Each head's ``(B, T, d)`` slice is reduced like the model's layers and turned into
+its centered Gram in the hook; the reference's layer Grams come from the shared :class:`LayerGrams` tap (the one layer
+CKA uses). One cross-mode :class:`MinibatchCKA` (all heads of all attention modules against the reference layers)
+accumulates the HSIC per minibatch, so each head's CKA gets a jackknife standard error and a permutation-null
+threshold. Stores ``head_reference`` (+ ``_se``, ``_null``) and ``head_layers``; draws ``attention/heads_vs_reference``
+(each head's CKA with the reference's lower layers against its mean attention distance, from the attention analysis).
+"""
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+from typing_extensions import override
+
+from lightning_cka.engine.analysis import Analysis, Field, Minibatch, View
+from lightning_cka.engine.models import ProbedModel
+from lightning_cka.figures.spec import Figure, Line, Scatter, Series
+from lightning_cka.functional.estimate import warn_degenerate
+from lightning_cka.functional.hsic import gram
+from lightning_cka.metrics.minibatch_cka import MinibatchCKA
+from lightning_cka.result import CKAResult
+from lightning_cka.stats import nanmean, spearman
+from lightning_cka.taps.attention import AttentionSite, attention_sites
+from lightning_cka.taps.base import Tap
+from lightning_cka.taps.grams import LayerGrams, Reduction, TokenLayout, reduce_output, token_layout
+from lightning_cka.taps.layers import display_names
+
+
+class HeadGrams(Tap):
+    """The centered Gram of every attention head's output, per attention module, from the input of ``attn.proj``.
+
+    The hook reduces each head's ``(B, T, d)`` slice like :func:`lightning_cka.taps.grams.reduce_output` reduces a
+    layer (``flatten``: all ``T·d`` features; ``mean``: the mean over patch tokens, prefix tokens left out; ``cls``:
+    token 0) and keeps only its ``(B, B)`` Gram, so nothing of the activation outlives the hook. With ``scale_norm`` or
+    ``gated`` attention, ``proj``'s input is the normalized / gated head output: that is what the projection mixes.
+
+    Args:
+        sites: the attention modules.
+        head_dims: each module's channels per head.
+        reduction: the model's reduction.
+        layouts: each module's token layout (its prefix tokens and whether it has a class token).
+    """
+
+    def __init__(
+        self, sites: Sequence[AttentionSite], head_dims: Sequence[int], reduction: Reduction, layouts: list[TokenLayout]
+    ) -> None:
+        self.sites = list(sites)
+        self.head_dims = list(head_dims)
+        self.reduction = reduction
+        self.layouts = layouts
+        self.key = ("head_grams", tuple(site.name for site in self.sites), reduction)
+        self._grams: dict[int, list[Tensor]] = {}
+        self._batch_size: int | None = None
+
+    @override
+    def hooks(self, modules: Mapping[str, nn.Module]) -> list[RemovableHandle]:
+        return [
+            modules[f"{site.name}.proj"].register_forward_pre_hook(self._hook(layer))
+            for layer, site in enumerate(self.sites)
+        ]
+
+    @override
+    def begin(self, inputs: Tensor | None) -> None:
+        self._grams = {}
+        self._batch_size = None if inputs is None else inputs.shape[0]
+
+    def _hook(self, layer: int):
+        site, head_dim, layout = self.sites[layer], self.head_dims[layer], self.layouts[layer]
+        width = site.num_heads * head_dim
+
+        def hook(module: nn.Module, args: tuple) -> None:
+            if layer in self._grams:
+                raise RuntimeError(
+                    f"'{site.name}.proj' ran more than once in one forward pass, so its heads have no single output. "
+                    "Pass heads=False."
+                )
+            x = args[0] if args else None
+            if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != width:
+                shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+                raise RuntimeError(
+                    f"'{site.name}.proj' got {shape}, not (B, T, {width}) = {site.num_heads} heads x {head_dim}: its "
+                    "forward is not the one of timm.layers.Attention. Pass heads=False."
+                )
+            if self._batch_size is not None and x.shape[0] != self._batch_size:
+                raise RuntimeError(
+                    f"'{site.name}.proj' got {x.shape[0]} examples, but the batch has {self._batch_size}: the heads of "
+                    "a module that folds other dims into the batch cannot be compared. Pass heads=False."
+                )
+            features = reduce_output(x, self.reduction, layout, site.name)  # (B, T, H·d) or (B, H·d)
+            heads = features.unflatten(-1, (site.num_heads, head_dim))  # (B, [T,] H, d), head-major channels
+            # One Gram per head; gram() upcasts in chunks, so the scratch memory stays one head's features.
+            self._grams[layer] = [gram(heads[..., h, :], center=True) for h in range(site.num_heads)]
+
+        return hook
+
+    @override
+    def collect(self) -> list[list[Tensor]]:
+        missing = [site.name for layer, site in enumerate(self.sites) if layer not in self._grams]
+        if missing:
+            raise RuntimeError(
+                f"attention module(s) {', '.join(missing)} did not run in the latest forward pass (or no forward pass "
+                "ran). Pass heads=False."
+            )
+        return [self._grams[layer] for layer in range(len(self.sites))]
+
+
+class HeadCKA(Analysis):
+    """Minibatch CKA of every attention head's output with every reference layer.
+
+    On when the option ``heads`` is ``True`` or ``"auto"`` with a reference and timm attention modules. The figure
+    ``attention/heads_vs_reference`` puts each head's *lower-reference CKA* (its mean CKA over the first third of the
+    reference's layers, rounded down, at least one layer) against its mean attention distance.
+    """
+
+    name = "heads"
+    fields = (
+        Field(
+            "head_reference",
+            "array",
+            "(La, H, Lr) CKA of each head (attention layer, head) with each reference layer; NaN for missing heads",
+        ),
+        Field("head_reference_se", "array", "(La, H, Lr) its block-jackknife standard error over minibatches"),
+        Field("head_reference_null", "array", "(La, H, Lr) its 5% permutation-null threshold"),
+        Field("head_layers", "names", "(La,) the attention modules whose heads are compared"),
+    )
+
+    @override
+    def bind(self, models: Mapping[str, ProbedModel]) -> bool:
+        setting = self.options.heads
+        if setting is False:
+            return False
+        model, reference = models["model"], models.get("reference")
+        sites = attention_sites(model.modules)
+        if setting is True and reference is None:
+            raise ValueError(
+                "heads=True compares every attention head with the layers of a reference model, but there is none: "
+                "give a reference (CKAMonitor(reference=...), compare_models(model_a, model_b, ...)) or pass "
+                "heads=False."
+            )
+        if setting is True and not sites:
+            raise ValueError(
+                f"heads=True, but {type(model.module).__name__} has no timm Attention module under a patch_embed with "
+                "a patch grid (a timm ViT), so it has no heads to compare. Pass heads=False (or 'auto')."
+            )
+        if reference is None or not sites:
+            return False
+        head_dims = [_head_dim(model.modules, site) for site in sites]
+        layouts = []
+        for site in sites:
+            layout = token_layout(model.modules, site.name)
+            layouts.append(TokenLayout(site.num_prefix_tokens, layout.has_class_token, False))
+        self._model, self._reference = model, reference
+        self._sites = sites
+        self._head_tap = HeadGrams(sites, head_dims, model.reduction, layouts)
+        self._reference_tap = LayerGrams(reference.layers, reference.reduction, reference.layouts)  # shared key
+        self._names = display_names(model.module, [site.name for site in sites])
+        return True
+
+    @override
+    def taps(self, model: ProbedModel) -> list[Tap]:
+        return [self._head_tap] if model.role == "model" else [self._reference_tap]
+
+    @override
+    def start(self, num_minibatches: int, device: torch.device) -> None:
+        self._metric = MinibatchCKA(
+            num_layers_a=sum(site.num_heads for site in self._sites),
+            num_layers_b=len(self._reference.layers),
+            num_minibatches=num_minibatches,
+            permutations=self.options.permutations,
+            seed=self.options.seed,
+            minibatch_weights=self.options.minibatch_weights,
+            warn=False,
+        ).to(device)
+
+    @override
+    def update(self, batch: Minibatch) -> None:
+        heads = [g for layer in batch.values["model"][self._head_tap.key] for g in layer]
+        reference = batch.values["reference"][self._reference_tap.key].grams
+        self._metric.update(heads, reference, grams=True, index=batch.index)
+
+    @override
+    def reduce(self) -> Any:
+        self._metric.compute()
+        return self._metric.estimate
+
+    @override
+    def finalize(self, reduced: Any) -> dict[str, Any]:
+        estimate = reduced
+        heads = [site.num_heads for site in self._sites]
+        starts = np.cumsum([0, *heads])
+        labels = [f"{name} head {h}" for name, count in zip(self._names, heads, strict=True) for h in range(count)]
+        warn_degenerate(labels, estimate.degenerate_a)
+        out: dict[str, Any] = {"head_layers": list(self._names)}
+        for key, values in (("", estimate.value), ("_se", estimate.se), ("_null", estimate.null)):
+            flat = values.cpu().numpy()  # (all heads, Lr)
+            padded = np.full((len(heads), max(heads), flat.shape[1]), np.nan)
+            for layer, (start, count) in enumerate(zip(starts[:-1], heads, strict=True)):
+                padded[layer, :count] = flat[start : start + count]
+            out[f"head_reference{key}"] = padded
+        return out
+
+    @classmethod
+    @override
+    def figures(cls, result: CKAResult, previous: CKAResult | None, view: View) -> list[Figure]:
+        lower, used = lower_reference_cka(result.head_reference, result.reference_layers)
+        distances = _aligned_distances(result)
+        if lower is None or distances is None:
+            return []
+        series = []
+        for name, dist, cka in zip(result.head_layers, distances, lower, strict=True):
+            points = np.stack([dist, cka], axis=1)  # (H, 2); NaN pads are not drawn
+            if np.isfinite(points).all(axis=1).any():
+                series.append(Series(str(name), points))
+        if not series:
+            return []
+        lines = []
+        uniform = result.uniform_attention_distance
+        if uniform and np.isfinite(uniform):
+            threshold = view.local_threshold * uniform
+            lines.append(Line(threshold, f"local below {threshold:.1f} px", axis="x", style="dashed"))
+        rho = spearman(distances, lower)
+        correlation = f"{rho:+.2f}" if np.isfinite(rho) else "not defined (fewer than 3 heads with both values)"
+        who = result.reference_label or "the reference"
+        panel = Scatter(
+            series=tuple(series),
+            x_label="mean attention distance (pixels)",
+            y_label="CKA with lower reference layers",
+            title=f"y: mean CKA with {_span(used)} of {who}",
+            lines=tuple(lines),
+        )
+        caption = (
+            "One point per head, one colour per attention layer: x, how far the head attends; y, the CKA of its "
+            f"output with the reference's lower layers (the first third of its layers: {_span(used)}). Spearman rank "
+            f"correlation over all heads: {correlation}. Raghu et al. 2021: local heads are the most similar to the "
+            "lower ResNet layers (CKA ~0.6), falling to ~0.25 as the distance grows."
+        )
+        title = "Attention heads: attention distance vs CKA with the reference"
+        return [Figure("attention/heads_vs_reference", title, (panel,), caption, view.subtitle(result))]
+
+    @classmethod
+    @override
+    def scalars(cls, result: CKAResult, view: View) -> dict[str, float]:
+        scalars: dict[str, float] = {}
+        lower, _ = lower_reference_cka(result.head_reference, result.reference_layers)
+        if lower is None:
+            return scalars
+        distances = _aligned_distances(result)
+        if distances is not None:
+            scalars["heads/distance_cka_spearman"] = spearman(distances, lower)
+        for name, heads in zip(result.head_layers or [], lower, strict=False):
+            scalars[f"heads/lower_reference_cka/{name}"] = nanmean(heads)
+        return scalars
+
+
+def lower_reference_cka(
+    head_reference: np.ndarray | None, reference_layers: Sequence[str] | None = None
+) -> tuple[np.ndarray | None, list[str]]:
+    """Each head's CKA with the reference's lower layers: the mean over its first third of layers (at least one).
+
+    Args:
+        head_reference: ``(La, H, Lr)`` CKA of the heads with the reference layers, or ``None``.
+        reference_layers: the reference layers' names (for the caption).
+
+    Returns:
+        ``(La, H)`` the mean over the first ``max(1, Lr // 3)`` reference layers of the finite values (NaN where none
+        is), and the names of those layers; ``(None, [])`` without ``head_reference``.
+
+    Example:
+        >>> import numpy as np
+        >>> cka = np.array([[[0.6, 0.4, 0.2, 0.1, 0.0, 0.0]]])  # one layer, one head, six reference layers
+        >>> lower, used = lower_reference_cka(cka, ["a", "b", "c", "d", "e", "f"])
+        >>> lower.round(3).tolist(), used
+        ([[0.5]], ['a', 'b'])
+    """
+    if head_reference is None or np.ndim(head_reference) != 3 or np.shape(head_reference)[2] == 0:
+        return None, []
+    values = np.asarray(head_reference, dtype=np.float64)
+    count = max(1, values.shape[2] // 3)
+    lower = values[..., :count]
+    finite = np.isfinite(lower)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(finite, lower, 0.0).sum(axis=2) / finite.sum(axis=2)
+    names = list(reference_layers or [f"#{i}" for i in range(values.shape[2])])[:count]
+    return np.where(finite.any(axis=2), mean, np.nan), names
+
+
+def _aligned_distances(result: CKAResult) -> np.ndarray | None:
+    """``(La, H)`` each head's mean attention distance, in the rows and head order of ``head_reference`` (NaN pads)."""
+    distances, names = result.mean_attention_distance, result.attention_layers
+    if result.head_reference is None or distances is None or names is None or result.head_layers is None:
+        return None
+    rows, heads = np.shape(result.head_reference)[:2]
+    out = np.full((rows, heads), np.nan)
+    position = {str(name): i for i, name in enumerate(names)}
+    for row, name in enumerate(result.head_layers):
+        if str(name) in position:  # a module the attention analysis left out (PiT's pooled stages) has no distance
+            found = np.asarray(distances[position[str(name)]], dtype=np.float64)
+            count = min(heads, found.shape[0])
+            out[row, :count] = found[:count]
+    return out if np.isfinite(out).any() else None
+
+
+def _span(names: Sequence[str]) -> str:
+    names = [str(name) for name in names]
+    if len(names) <= 2:
+        return " and ".join(names)
+    return f"{names[0]} to {names[-1]}"
+
+
+def _head_dim(modules: Mapping[str, nn.Module], site: AttentionSite) -> int:
+    attention = modules[site.name]
+    proj = modules.get(f"{site.name}.proj")
+    head_dim = getattr(attention, "head_dim", None)
+    if not isinstance(proj, nn.Linear) or not isinstance(head_dim, int) or proj.in_features != site.num_heads * head_dim:
+        raise ValueError(
+            f"attention module '{site.name}' has no nn.Linear 'proj' taking its {site.num_heads} heads x "
+            f"{head_dim} channels, so its heads cannot be read. Pass heads=False."
+        )
+    return head_dim

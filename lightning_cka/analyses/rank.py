@@ -1,0 +1,249 @@
+"""Effective rank (RankMe, Garrido et al. 2022) of every monitored layer, from the layer Grams CKA already records.
+
+RankMe is ``exp(-Σₖ pₖ log pₖ)`` with ``pₖ = σₖ / Σⱼ σⱼ`` over the singular values ``σ`` of a minibatch's centered
+features. The centered Gram ``XXᵀ`` of the shared :class:`LayerGrams` tap has eigenvalues ``σₖ²``, so no activation
+is needed: per layer and minibatch, one ``(n, n)`` eigendecomposition. The per-minibatch values are summed per global
+minibatch index (DDP-exact) and averaged; stores ``effective_rank`` (+ ``reference_effective_rank``), draws
+``rank/effective_rank``.
+"""
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_cka.engine.analysis import Analysis, Field, Minibatch, View
+from lightning_cka.engine.models import ProbedModel
+from lightning_cka.figures.spec import Curves, Figure, Line, Series
+from lightning_cka.metrics.sums import TensorSums
+from lightning_cka.result import CKAResult
+from lightning_cka.stats import nanmean
+from lightning_cka.taps.base import Tap
+from lightning_cka.taps.grams import LayerGrams
+
+# Grams decomposed at once: bounds the float64 copy (a few (n, n) matrices) whatever the number of layers.
+_EIGEN_CHUNK_BYTES = 64 * 2**20
+# The bound line is drawn only when the ranks reach this fraction of it; otherwise it would flatten the curves.
+_BOUND_SHOWN_ABOVE = 0.25
+
+
+def effective_rank(grams: Sequence[Tensor] | Tensor) -> Tensor:
+    """RankMe effective rank of the features behind each centered Gram.
+
+    Singular values (as RankMe uses them, not the Gram's eigenvalues) are ``σₖ = sqrt(max(λₖ, 0))`` of the Gram's
+    eigenvalues ``λₖ``; eigenvalues below ``n · eps · λ_max`` (``eps`` of the Gram's dtype, the tolerance of
+    ``torch.linalg.matrix_rank``) are rounding noise of the Gram and count as zero, so features of rank ``r`` give at
+    most ``r``. Since the features are centered, the value is at most ``n - 1`` (and at most the number of features).
+
+    Args:
+        grams: ``L`` centered ``(n, n)`` Gram matrices (a sequence or an ``(L, n, n)`` tensor).
+
+    Returns:
+        ``(L,)`` float64: ``exp(-Σ pₖ log pₖ)``, ``pₖ = σₖ / Σ σ``; NaN for a Gram that is zero (constant features) or
+        not finite.
+
+    Example:
+        >>> import torch
+        >>> x = torch.randn(16, 3, dtype=torch.float64) @ torch.randn(3, 40, dtype=torch.float64)  # rank 3
+        >>> x = x - x.mean(dim=0)
+        >>> bool(effective_rank([x @ x.T]) <= 3.0 + 1e-9)
+        True
+    """
+    grams = list(grams)
+    if not grams:
+        return torch.zeros(0, dtype=torch.float64)
+    n = grams[0].shape[0]
+    eps = torch.finfo(grams[0].dtype).eps if grams[0].is_floating_point() else torch.finfo(torch.float32).eps
+    step = max(1, _EIGEN_CHUNK_BYTES // (n * n * 8))
+    out = []
+    for start in range(0, len(grams), step):
+        block = torch.stack([g.to(torch.float64) for g in grams[start : start + step]])  # (l, n, n)
+        finite = torch.isfinite(block).flatten(1).all(dim=1)
+        block = torch.where(finite[:, None, None], block, torch.zeros((), dtype=block.dtype, device=block.device))
+        eigenvalues = torch.linalg.eigvalsh(block)  # (l, n), ascending
+        top = eigenvalues[:, -1:].clamp_min(0)
+        eigenvalues = torch.where(eigenvalues > n * eps * top, eigenvalues, torch.zeros_like(eigenvalues))
+        singular = eigenvalues.sqrt()
+        total = singular.sum(dim=1, keepdim=True)
+        p = singular / total.clamp_min(torch.finfo(torch.float64).tiny)
+        rank = torch.exp(-torch.special.xlogy(p, p).sum(dim=1))
+        out.append(torch.where(finite & (total[:, 0] > 0), rank, torch.full_like(rank, float("nan"))))
+    return torch.cat(out)
+
+
+class EffectiveRank(Analysis):
+    """Effective rank (RankMe) of every monitored layer of the model and the reference, per minibatch (option ``rank``).
+
+    Cheap: it reuses the layer Grams and adds one ``(n, n)`` symmetric eigendecomposition per layer and minibatch
+    (the frozen reference's are computed at the first probe only).
+    """
+
+    name = "rank"
+    fields = (
+        Field(
+            "effective_rank",
+            "array",
+            "(L,) effective rank (RankMe) of each layer's centered features, mean over minibatches",
+            per_model=True,
+        ),
+        Field("effective_rank_se", "array", "(L,) its standard error over minibatches", per_model=True),
+        Field(
+            "effective_rank_minibatches",
+            "array",
+            "(M, L) effective rank of each layer on each minibatch (NaN: constant or non-finite there)",
+            per_model=True,
+        ),
+        Field(
+            "effective_rank_bound",
+            "float",
+            "mean over minibatches of n - 1, the largest effective rank a minibatch of n centered examples allows",
+        ),
+    )
+
+    @override
+    def bind(self, models: Mapping[str, ProbedModel]) -> bool:
+        if not self.options.rank:
+            return False
+        self._models = dict(models)
+        self._taps = {role: LayerGrams(m.layers, m.reduction, m.layouts) for role, m in models.items()}  # shared key
+        # A frozen model's Grams never change, so its ranks are kept per minibatch like the engine keeps its Grams.
+        self._frozen: dict[str, dict[int, Tensor]] = {role: {} for role, m in models.items() if m.frozen}
+        return True
+
+    @override
+    def taps(self, model: ProbedModel) -> list[Tap]:
+        return [self._taps[model.role]]
+
+    @override
+    def start(self, num_minibatches: int, device: torch.device) -> None:
+        shapes = lambda role: {  # noqa: E731
+            "ranks": (num_minibatches, len(self._models[role].layers)),
+            "counts": (num_minibatches, len(self._models[role].layers)),
+            "sizes": (num_minibatches,),
+        }
+        self._sums = {role: TensorSums(shapes(role)).to(device) for role in self._models}
+
+    @override
+    def update(self, batch: Minibatch) -> None:
+        for role, tap in self._taps.items():
+            cache = self._frozen.get(role)
+            if cache is not None and batch.index in cache:
+                ranks = cache[batch.index]
+            else:
+                ranks = effective_rank(batch.values[role][tap.key].grams)
+                if cache is not None:
+                    cache[batch.index] = ranks
+            finite = torch.isfinite(ranks)
+            sums = self._sums[role]
+            sums.update("ranks", torch.where(finite, ranks, torch.zeros_like(ranks)), index=batch.index)
+            sums.update("counts", finite.double(), index=batch.index)
+            sums.update("sizes", torch.tensor(float(batch.size)), index=batch.index)
+
+    @override
+    def reduce(self) -> Any:
+        return {role: sums.compute() for role, sums in self._sums.items()}
+
+    @override
+    def finalize(self, reduced: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for role, sums in reduced.items():
+            ranks, counts = sums["ranks"].cpu().numpy(), sums["counts"].cpu().numpy()
+            sizes = sums["sizes"].cpu().numpy()
+            seen = sizes > 0
+            per_minibatch = np.where(counts > 0, ranks, np.nan)[seen]  # (M, L)
+            total = counts[seen].sum(axis=0)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mean = ranks[seen].sum(axis=0) / total
+                deviations = np.where(np.isfinite(per_minibatch), per_minibatch - mean, 0.0)
+                se = np.sqrt(np.square(deviations).sum(axis=0) / (total - 1) / total)
+            prefix = self._models[role].prefix
+            out[f"{prefix}effective_rank"] = np.where(total > 0, mean, np.nan)
+            out[f"{prefix}effective_rank_se"] = np.where(total > 1, se, np.nan)
+            out[f"{prefix}effective_rank_minibatches"] = per_minibatch
+            if role == "model":
+                out["effective_rank_bound"] = float((sizes[seen] - 1).mean()) if seen.any() else float("nan")
+        return out
+
+    @classmethod
+    @override
+    def figures(cls, result: CKAResult, previous: CKAResult | None, view: View) -> list[Figure]:
+        bound = result.effective_rank_bound
+        panels, hidden = [], False
+        for role in ("model", "reference"):
+            part = result.part(role)
+            if part.effective_rank is None or part.layers is None:
+                continue
+            title = "the model" if role == "model" else f"the reference: {result.reference_label or 'reference'}"
+            panel, shown = _rank_panel(part.effective_rank, part.effective_rank_se, part.layers, bound, title)
+            panels.append(panel)
+            hidden |= not shown
+        if not panels:
+            return []
+        limit = f"n - 1 = {bound:g} (n: examples per minibatch)" if bound is not None and np.isfinite(bound) else ""
+        caption = (
+            "Effective rank (RankMe: exp of the entropy of the normalized singular values) of each layer's centered "
+            "features on a probe minibatch, mean over minibatches ± one standard error. It cannot exceed "
+            f"{limit or 'n - 1'}{' (off the scale here)' if hidden and limit else ''} nor the layer's feature count. "
+            "Collapse looks like a low or falling curve: a few directions carry all the images' variance. Garrido et "
+            "al. 2022: a lower RankMe goes with worse downstream accuracy; compare a small-data run with a "
+            "large-data one (or with the reference) to see whether it collapses."
+        )
+        title = "Effective rank of each layer"
+        return [Figure("rank/effective_rank", title, tuple(panels), caption, view.subtitle(result))]
+
+    @classmethod
+    @override
+    def scalars(cls, result: CKAResult, view: View) -> dict[str, float]:
+        scalars: dict[str, float] = {}
+        ranks = result.effective_rank
+        if ranks is None:
+            return scalars
+        ranks = np.asarray(ranks, dtype=np.float64)
+        scalars["rank/mean"] = nanmean(ranks)
+        scalars["rank/mean_se"] = _mean_se(result.effective_rank_minibatches, np.isfinite(ranks))
+        for name, value in zip(result.layers or [], ranks, strict=False):
+            scalars[f"rank/effective_rank/{name}"] = float(value)
+        return scalars
+
+
+def _mean_se(per_minibatch: np.ndarray | None, layers: np.ndarray) -> float:
+    """Standard error over minibatches of the per-minibatch mean over ``layers``; NaN below 2 usable minibatches.
+
+    When every layer is finite on every minibatch (the usual case), the mean of those per-minibatch means is exactly
+    ``rank/mean``, so this is its standard error.
+    """
+    if per_minibatch is None or np.ndim(per_minibatch) != 2 or not layers.any():
+        return float("nan")
+    values = np.asarray(per_minibatch, dtype=np.float64)[:, layers]
+    values = values[np.isfinite(values).all(axis=1)].mean(axis=1)
+    if values.size < 2:
+        return float("nan")
+    return float(values.std(ddof=1) / np.sqrt(values.size))
+
+
+def _rank_panel(
+    ranks: np.ndarray, se: np.ndarray | None, layers: Sequence[str], bound: float | None, title: str
+) -> tuple[Curves, bool]:
+    """The ranks over layers, with the ``n - 1`` line when the curve comes near enough to it to keep both legible."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    error = None if se is None else np.where(np.isfinite(se), se, 0.0)
+    top = float(np.nanmax(ranks + (0 if error is None else error))) if np.isfinite(ranks).any() else 1.0
+    lines, shown = (), True
+    if bound is not None and np.isfinite(bound):
+        shown = top >= _BOUND_SHOWN_ABOVE * bound
+        if shown:
+            lines = (Line(float(bound), f"bound n - 1 = {bound:g}", style="dotted"),)
+            top = max(top, float(bound))
+    panel = Curves(
+        x=tuple(str(name) for name in layers),
+        series=(Series("", ranks, error),),
+        x_label="layer",
+        y_label="effective rank",
+        title=title,
+        lines=lines,
+        ylim=(0.0, top * 1.12 or 1.0),
+    )
+    return panel, shown
