@@ -22,6 +22,7 @@ from lightning_cka.figures.spec import Curves, Dots, Figure, Heatmap, Line, Scat
 
 LAYERS = ("blocks.0", "blocks.1", "blocks.2")
 STEPS = (0, 10, 20, 30)
+TIMES = "\N{MULTIPLICATION SIGN}"  # as the dashboard writes it
 
 
 def cka(step: int) -> np.ndarray:
@@ -45,7 +46,7 @@ def probe_figures(step: int, probe: str = "p-1") -> list[Figure]:
     return [
         Figure("cka/intra", "CKA between layers", (intra,), caption="how to read it", meta=meta),
         Figure("attention/mean_distance", "Mean attention distance", (dots,), meta=meta),
-        Figure("residual/norm_ratio", "Norm ratio", (Heatmap(values[:, :2], LAYERS, ("attn", "mlp")), curves), meta=meta),
+        Figure("residual/norm_ratio", "Norm", (Heatmap(values[:, :2], LAYERS, ("attn", "mlp")), curves), meta=meta),
         Figure("attention/heads_vs_reference", "Heads", (scatter,), meta=meta),
     ]
 
@@ -217,7 +218,7 @@ def test_history_of_a_heatmap_cell(client):
     code, body = get(client, "history", run="vit", tag="cka/intra", row=2, col=1)
     assert code == 200
     assert body["steps"] == list(STEPS)
-    assert body["label"] == "blocks.2 × blocks.1"
+    assert body["label"] == f"blocks.2 {TIMES} blocks.1"
     (series,) = body["series"]
     assert series["values"] == pytest.approx([0.21 + s / 1000 for s in STEPS])
     assert series["error"] == pytest.approx([0.021 + s / 10000 for s in STEPS])
@@ -236,7 +237,7 @@ def test_history_of_dots_curves_and_scatter(client):
     assert curves["series"][0]["label"] == "train"
     assert curves["series"][0]["values"] == pytest.approx([0.2 + s / 100 for s in STEPS])
     _, heatmap = get(client, "history", run="vit", tag="residual/norm_ratio", panel=0, row=1, col=1)
-    assert heatmap["label"] == "blocks.1 × mlp"
+    assert heatmap["label"] == f"blocks.1 {TIMES} mlp"
     _, scatter = get(client, "history", run="vit", tag="attention/heads_vs_reference", series=0, point=1)
     assert [s["values"] for s in scatter["series"]] == [[3.0] * 4, pytest.approx([4.0 + s for s in STEPS])]
 

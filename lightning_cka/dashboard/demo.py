@@ -27,12 +27,13 @@ def layer_names(layers: int) -> tuple[str, ...]:
     return tuple(f"blocks.{i}" for i in range(layers))
 
 
-def intra_values(layers: int, progress: float, scale: float = 1.0) -> np.ndarray:
+def intra_values(layers: int, progress: float) -> np.ndarray:
     """A symmetric ``(layers, layers)`` CKA matrix, 1 on the diagonal, with blocks widening as ``progress`` grows."""
     i = np.arange(layers)
-    width = (0.6 + 3.0 * progress) * scale * layers / 12
+    width = (0.6 + 3.0 * progress) * layers / 12
     cka = np.exp(-np.abs(i[:, None] - i[None, :]) / width)
-    cka = 0.15 + 0.85 * cka if progress > 0 else cka
+    floor = 0.04 + 0.1 * progress  # far-apart layers: as similar as unrelated images early, a little more later
+    cka = floor + (1 - floor) * cka
     np.fill_diagonal(cka, 1.0)
     return np.clip(cka, 0.0, 1.0)
 
@@ -59,7 +60,7 @@ def figures(
     cka = np.clip(cka + (noise + noise.T) / 2, 0, 1)
     np.fill_diagonal(cka, 1.0)
     error = np.full_like(cka, 0.012) + 0.01 * (1 - cka)
-    null = np.full_like(cka, 0.08)
+    null = np.full_like(cka, 0.1)
     before = intra_values(layers, max(progress - 0.1, 0.0))
     change = cka - before
     bound = float(np.abs(change).max()) or 1.0

@@ -32,7 +32,7 @@ h2 { font-size: 16px; font-weight: 500; margin: 14px 0 2px; }
 .panel svg .title { font-weight: 600; fill: #212121; }
 .legend { display: flex; flex-wrap: wrap; gap: 2px 12px; font-size: 12px; color: #424242; max-width: 640px; margin-left: 48px; }
 .legend span::before { content: ""; display: inline-block; width: 10px; height: 10px; margin-right: 4px; background: var(--c); border-radius: 2px; }
-.legend span.dot::before { border-radius: 5px; width: 6px; height: 6px; background: #fff; border: 2px solid #212121; }
+.legend span.dot::before { background: radial-gradient(circle, #fff 0 2px, #3e4989 2.5px); } /* a marked cell */
 .tooltip { position: fixed; pointer-events: none; background: rgba(33,33,33,.92); color: #fff; padding: 6px 8px; border-radius: 4px;
   font-size: 12px; line-height: 1.45; max-width: 360px; z-index: 10; display: none; white-space: nowrap; }
 .history { margin-top: 16px; border-top: 1px solid #e0e0e0; padding-top: 8px; }
@@ -403,7 +403,7 @@ function drawDots(p, ctx) {
   const yDomain = p.ylim ? p.ylim : extent(points.map((pt) => pt.y), (p.lines || []).map((l) => l.value));
   ctx.drawMarks = (g, pts) => {
     for (const pt of pts) {
-      g.append(s("circle", { cx: pt.px[0], cy: pt.px[1], r: 3.2, fill: seriesColor(pt.series, p.series.length), "fill-opacity": 0.85 }));
+      g.append(s("circle", { cx: pt.px[0], cy: pt.px[1], r: 3.2, fill: seriesColor(pt.series, p.series.length), "fill-opacity": 0.85, class: "mark" }));
     }
   };
   return drawXY(p, ctx, {
@@ -442,7 +442,7 @@ function drawCurves(p, ctx) {
         g.append(s("polygon", { points: [...upper, ...lower].join(" "), fill: color, "fill-opacity": 0.18 }));
       }
       g.append(s("polyline", { points: mine.map((pt) => pt.px.join(",")).join(" "), fill: "none", stroke: color, "stroke-width": 2 }));
-      for (const pt of mine) g.append(s("circle", { cx: pt.px[0], cy: pt.px[1], r: 2.6, fill: color }));
+      for (const pt of mine) g.append(s("circle", { cx: pt.px[0], cy: pt.px[1], r: 2.6, fill: color, class: "mark" }));
     });
   };
   return drawXY(p, ctx, {
@@ -473,7 +473,7 @@ function drawScatter(p, ctx) {
   ctx.drawMarks = (g, pts) => {
     for (const pt of pts) {
       if (!finite(pt.x) || !finite(pt.y)) continue;
-      g.append(s("circle", { cx: pt.px[0], cy: pt.px[1], r: 3.5, fill: seriesColor(pt.series, p.series.length), "fill-opacity": 0.85 }));
+      g.append(s("circle", { cx: pt.px[0], cy: pt.px[1], r: 3.5, fill: seriesColor(pt.series, p.series.length), "fill-opacity": 0.85, class: "mark" }));
     }
   };
   const xTicks = { categorical: false, labels: niceTicks(xDomain[0], xDomain[1], 6).map((t) => ({ at: t, text: tick(t) })) };
@@ -558,7 +558,9 @@ function drawHistory(histories, currentStep, head) {
     d.series.forEach((sr, si) => {
       // dots: the pointed-at head stands out, the layer's other heads stay in grey for context
       const faint = dots && si !== head;
-      const color = dots ? (faint ? "#9e9e9e" : PALETTE[0]) : seriesColor(si, d.series.length);
+      // run B in the next colours, so that A and B differ by more than the dashes
+      const n = d.series.length * histories.length;
+      const color = dots ? (faint ? "#9e9e9e" : PALETTE[hi]) : seriesColor(si + hi * d.series.length, n);
       const opacity = faint ? 0.45 : 1;
       const pts = d.steps.map((st, i) => [st, sr.values[i], sr.error?.[i], d.marked?.[i]]).filter(([, v]) => finite(v));
       if (pts.some(([, , e]) => finite(e))) {
@@ -636,7 +638,13 @@ class Dashboard {
     el.footer = h("div", { className: "note" });
     this.root.append(h("style", {}, CSS), el.bar, el.messages, el.main, el.history, el.footer, el.tooltip);
     setInterval(() => this.poll(), POLL_MS);
-    window.addEventListener("resize", () => this.draw());
+    // only a new width changes the layout; screenshots and zooming the browser fire resize events without one
+    window.addEventListener("resize", () => {
+      clearTimeout(this.resizeTimer);
+      this.resizeTimer = setTimeout(() => {
+        if (document.body.clientWidth !== this.drawnWidth) this.draw();
+      }, 200);
+    });
   }
 
   status(value) {
@@ -666,7 +674,9 @@ class Dashboard {
       (this.samplesHint == null
         ? "TensorBoard keeps a random sample of steps per figure (10 with --load_fast=false, 100 with the fast loader); " +
           "start it with --samples_per_plugin lightning_cka=0 to keep every probe."
-        : `TensorBoard keeps ${this.samplesHint || "every"} step${this.samplesHint === 1 ? "" : "s"} per figure (--samples_per_plugin).`) + skipped;
+        : this.samplesHint === 0
+          ? "TensorBoard keeps every step of each figure (--samples_per_plugin lightning_cka=0)."
+          : `TensorBoard keeps at most ${this.samplesHint} steps of each figure (--samples_per_plugin).`) + skipped;
     if (!this.runs.length) return this.showEmpty();
     const names = this.runs.map((r) => r.run);
     if (!names.includes(this.runA)) this.runA = names[0];
@@ -858,7 +868,8 @@ class Dashboard {
     const fig = a.figure;
     const compare = Boolean(this.runB);
     const blocksPerRow = compare ? 3 : 1;
-    const available = Math.max(480, document.body.clientWidth - 40);
+    this.drawnWidth = document.body.clientWidth;
+    const available = Math.max(480, this.drawnWidth - 40);
     const panelsPerBlock = Math.max(1, fig.panels.filter((p) => p.kind === "heatmap").length);
     // a heatmap's labels and colour bar take about 190 px beside its cells
     const side = Math.max(120, Math.min(440, available / blocksPerRow / Math.min(panelsPerBlock, 4) - 190)) * this.zoom;
