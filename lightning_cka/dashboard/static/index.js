@@ -92,6 +92,9 @@ function fmt(v) {
   return v.toFixed(a >= 1000 ? 0 : a >= 100 ? 1 : a >= 10 ? 2 : 3);
 }
 
+// "CKA 0.734 ± 0.012" for tooltips; the value is bold
+const valueLine = (label, v, se) => `${escapeHTML(label)} <b class="value">${fmt(v)}</b>${finite(se) ? ` ± ${fmt(se)}` : ""}`;
+
 function escapeHTML(text) {
   return String(text).replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" })[c]);
 }
@@ -263,7 +266,7 @@ function heatmapTip(p, r, c, ctx) {
   const se = p.error?.[r]?.[c];
   const lines = [`<b>${escapeHTML(p.rows[r])}</b> × <b>${escapeHTML(p.cols[c])}</b>`];
   if (ctx.tip) lines.push(...ctx.tip(r, c));
-  else lines.push(`${escapeHTML(p.colorbar || "value")} <b class="value">${fmt(v)}</b>${finite(se) ? ` ± ${fmt(se)}` : ""}`);
+  else lines.push(valueLine(p.colorbar || "value", v, se));
   const nullAt = p.null?.[r]?.[c];
   if (p.marked?.[r]?.[c]) lines.push(`indistinguishable from the null${finite(nullAt) ? ` (threshold ${fmt(nullAt)})` : ""}`);
   else if (finite(nullAt)) lines.push(`null threshold ${fmt(nullAt)}`);
@@ -395,7 +398,7 @@ function drawDots(p, ctx) {
         const spread = row.length > 1 ? (k / (row.length - 1) - 0.5) * 0.36 : 0;
         const se = Array.isArray(sr.error?.[xi]) ? sr.error[xi][k] : sr.error?.[xi];
         const who = `${sr.label ? `${escapeHTML(sr.label)} · ` : ""}head ${k}`;
-        const tip = `<b>${escapeHTML(p.x[xi])}</b> · ${who}<br>${escapeHTML(p.y_label || "value")} <b class="value">${fmt(v)}</b>${finite(se) ? ` ± ${fmt(se)}` : ""}`;
+        const tip = `<b>${escapeHTML(p.x[xi])}</b> · ${who}<br>${valueLine(p.y_label || "value", v, se)}`;
         points.push({ x: xi + spread, y: v, series: si, xi, head: k, tip });
       });
     });
@@ -425,7 +428,7 @@ function drawCurves(p, ctx) {
     sr.values.forEach((v, xi) => {
       const se = sr.error?.[xi];
       const who = sr.label ? `${escapeHTML(sr.label)} · ` : "";
-      const tip = `${who}<b>${escapeHTML(p.x[xi])}</b><br>${escapeHTML(p.y_label || "value")} <b class="value">${fmt(v)}</b>${finite(se) ? ` ± ${fmt(se)}` : ""}`;
+      const tip = `${who}<b>${escapeHTML(p.x[xi])}</b><br>${valueLine(p.y_label || "value", v, se)}`;
       points.push({ x: xi, y: v, se, series: si, xi, tip });
     });
   });
@@ -462,7 +465,7 @@ function drawScatter(p, ctx) {
     sr.values.forEach((xy, i) => {
       if (!Array.isArray(xy)) return;
       const who = sr.label ? `<b>${escapeHTML(sr.label)}</b> · ` : "";
-      const tip = `${who}point ${i}<br>${escapeHTML(p.x_label || "x")} <b class="value">${fmt(xy[0])}</b><br>${escapeHTML(p.y_label || "y")} <b>${fmt(xy[1])}</b>`;
+      const tip = `${who}point ${i}<br>${valueLine(p.x_label || "x", xy[0])}<br>${valueLine(p.y_label || "y", xy[1])}`;
       points.push({ x: xy[0], y: xy[1], series: si, point: i, tip });
     });
   });
@@ -875,21 +878,21 @@ class Dashboard {
     const side = Math.max(120, Math.min(440, available / blocksPerRow / Math.min(panelsPerBlock, 4) - 190)) * this.zoom;
     const main = [h("h2", {}, fig.title || a.tag), fig.caption ? h("p", { className: "caption" }, fig.caption) : null];
     const blocks = h("div", { className: "blocks" });
-    const hover = (which) => (element, html, event) => this.onHover(element, html, event, which);
-    const panelsOf = (figure, which, tip) =>
+    const hover = (element, html, event) => this.onHover(element, html, event);
+    const panelsOf = (figure, tip) =>
       h(
         "div",
         { className: "panels" },
-        ...figure.panels.map((p, index) => drawPanel(p, { index, cellSide: side, zoom: this.zoom, onHover: hover(which), tip: tip?.(index) })),
+        ...figure.panels.map((p, index) => drawPanel(p, { index, cellSide: side, zoom: this.zoom, onHover: hover, tip: tip?.(index) })),
       );
     const header = (label, response) => h("h3", {}, `${label} · ${response.run} · step ${response.step}`);
-    blocks.append(h("div", { className: "block" }, compare ? header("A", a) : null, panelsOf(fig, "A")));
+    blocks.append(h("div", { className: "block" }, compare ? header("A", a) : null, panelsOf(fig)));
     if (compare && !b) {
       blocks.append(h("div", { className: "block" }, h("h3", {}, `B · ${this.runB}`), h("p", { className: "note" }, `no figure ${this.tag} in this run`)));
     }
     if (b) {
       const nearestNote = b.step !== stepA ? ` (nearest to ${stepA})` : "";
-      blocks.append(h("div", { className: "block" }, h("h3", {}, `B · ${b.run} · step ${b.step}${nearestNote}`), panelsOf(b.figure, "B")));
+      blocks.append(h("div", { className: "block" }, h("h3", {}, `B · ${b.run} · step ${b.step}${nearestNote}`), panelsOf(b.figure)));
       const diff = this.differenceBlock(fig, b.figure, side);
       if (diff.block) blocks.append(diff.block);
       if (diff.message) main.push(diff.message);
@@ -907,7 +910,12 @@ class Dashboard {
     if (!probeA || !probeB || probeA !== probeB) {
       const why = !probeA || !probeB ? "a run does not record its probe images" : `the runs used different probe images (${probeA} vs ${probeB})`;
       const box = h("input", { type: "checkbox", checked: this.allowDifference, onchange: () => ((this.allowDifference = box.checked), this.draw()) });
-      message = h("div", { className: "refused" }, h("span", { className: "reason" }, `A − B not shown: ${why}, so the cells are not comparable.`), h("label", {}, box, " show it anyway"));
+      message = h(
+        "div",
+        { className: "refused" },
+        h("span", { className: "reason" }, `A − B not shown: ${why}, so the cells are not comparable.`),
+        h("label", {}, box, " show it anyway"),
+      );
       if (!this.allowDifference) return { message };
       note = " (different probe images)";
     }
@@ -920,9 +928,13 @@ class Dashboard {
       const tip = (r, c) => {
         const [va, vb] = [p.values[r]?.[c], figB.panels[index].values[r]?.[c]];
         const se = (q) => (finite(q) ? ` ± ${fmt(q)}` : "");
-        return [`A <b>${fmt(va)}</b>${se(p.error?.[r]?.[c])}`, `B <b>${fmt(vb)}</b>${se(figB.panels[index].error?.[r]?.[c])}`, `A − B <b class="value">${fmt(panel.values[r][c])}</b>`];
+        return [
+          `A <b>${fmt(va)}</b>${se(p.error?.[r]?.[c])}`,
+          `B <b>${fmt(vb)}</b>${se(figB.panels[index].error?.[r]?.[c])}`,
+          `A − B <b class="value">${fmt(panel.values[r][c])}</b>`,
+        ];
       };
-      panels.push(drawPanel(panel, { index, cellSide: side, zoom: this.zoom, onHover: (e, html, ev) => this.onHover(e, html, ev, "A−B"), tip }));
+      panels.push(drawPanel(panel, { index, cellSide: side, zoom: this.zoom, onHover: (e, html, ev) => this.onHover(e, html, ev), tip }));
     });
     if (!panels.length) {
       const reason = reasons.size ? [...reasons].join("; ") : "this figure has no heatmap";
