@@ -1,42 +1,75 @@
-"""The monitor's figures as TensorBoard tensor summaries of the ``lightning_cka`` plugin.
+"""Figures as TensorBoard tensor summaries, the data the "CKA" tab reads.
 
-Each figure of a probe becomes one summary: its tag, ``SummaryMetadata`` naming the plugin (with the tensor data
-class, which TensorBoard's fast loader needs), and a scalar string tensor holding the figure's JSON
-(:func:`lightning_cka.figures.spec.to_json`). The dashboard reads them back through TensorBoard's data provider, so
-remote log directories and both loaders work.
+One summary per figure and probe step: a scalar string tensor holding the UTF-8 JSON of
+:func:`lightning_cka.figures.spec.to_json`, under the figure's tag (prefixed with the monitor's name when it has one),
+with plugin name ``lightning_cka``. The figure's title and caption go into the summary's ``display_name`` and
+``summary_description``, so the dashboard lists figures without decoding them.
 """
 
 import json
-from collections.abc import Sequence
+import time
+from collections.abc import Iterable
 from typing import Any
 
-from tensorboard.compat.proto.summary_pb2 import DataClass, Summary, SummaryMetadata
-from tensorboard.compat.proto.tensor_pb2 import TensorProto
-from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
+from tensorboard.compat.proto import summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
 
 from lightning_cka.figures.spec import Figure, to_json
 
 PLUGIN_NAME = "lightning_cka"
-PLUGIN_CONTENT = json.dumps({"version": 1}).encode()
+# Bumped only when a reader could misread newer data; the plugin skips versions it does not know.
+METADATA_VERSION = 1
+METADATA_CONTENT = json.dumps({"version": METADATA_VERSION}).encode()
 
 
-def figure_summary(figure: Figure, tag: str) -> Summary:
-    """The ``Summary`` proto of one figure under ``tag``."""
-    metadata = SummaryMetadata(
-        plugin_data=SummaryMetadata.PluginData(plugin_name=PLUGIN_NAME, content=PLUGIN_CONTENT),
-        data_class=DataClass.DATA_CLASS_TENSOR,
+def figure_json(figure: Figure) -> bytes:
+    """The figure as compact UTF-8 JSON, exactly what a summary's tensor holds (NaN and inf are ``null``)."""
+    # allow_nan=False: strict JSON, which browsers parse; to_json has already made every non-finite number None
+    return json.dumps(to_json(figure), separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode()
+
+
+def figure_summary(figure: Figure, tag: str | None = None) -> summary_pb2.Summary:
+    """A ``Summary`` proto with one value: ``figure`` as a scalar ``DT_STRING`` tensor of plugin ``lightning_cka``.
+
+    Args:
+        figure: the figure; its ``meta`` should hold ``step``, ``run``, ``probe`` and ``num_examples``.
+        tag: the summary's tag; ``figure.tag`` when ``None``.
+
+    Example:
+        >>> from lightning_cka.figures.spec import Figure
+        >>> value = figure_summary(Figure("cka/intra", "CKA", ()), "coarse/cka/intra").value[0]
+        >>> value.tag, value.metadata.plugin_data.plugin_name, value.metadata.display_name
+        ('coarse/cka/intra', 'lightning_cka', 'CKA')
+    """
+    metadata = summary_pb2.SummaryMetadata(
+        display_name=figure.title,
+        summary_description=figure.caption,
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=PLUGIN_NAME, content=METADATA_CONTENT),
+        data_class=summary_pb2.DATA_CLASS_TENSOR,
     )
-    tensor = TensorProto(
-        dtype="DT_STRING",
-        tensor_shape=TensorShapeProto(),
-        string_val=[json.dumps(to_json(figure), allow_nan=False).encode()],
+    tensor = tensor_pb2.TensorProto(
+        dtype=types_pb2.DT_STRING, tensor_shape=tensor_shape_pb2.TensorShapeProto(), string_val=[figure_json(figure)]
     )
-    return Summary(value=[Summary.Value(tag=tag, metadata=metadata, tensor=tensor)])
+    return summary_pb2.Summary(
+        value=[summary_pb2.Summary.Value(tag=tag or figure.tag, metadata=metadata, tensor=tensor)]
+    )
 
 
-def write_figures(writer: Any, figures: Sequence[Figure], step: int, prefix: str = "") -> None:
-    """Write every figure to a torch ``SummaryWriter`` (what ``TensorBoardLogger.experiment`` is) at ``step``."""
-    file_writer = writer._get_file_writer()  # SummaryWriter has no public way to add a Summary proto
+def prefixed_tag(tag: str, prefix: str = "") -> str:
+    """``tag`` under the monitor's name: ``prefixed_tag("cka/intra", "coarse") == "coarse/cka/intra"``."""
+    prefix = prefix.strip("/")
+    return f"{prefix}/{tag}" if prefix else tag
+
+
+def write_figures(writer: Any, figures: Iterable[Figure], step: int, prefix: str = "") -> None:
+    """Write each figure as one tensor summary at ``step``.
+
+    Args:
+        writer: a ``torch.utils.tensorboard.SummaryWriter`` (what Lightning's ``TensorBoardLogger.experiment`` is).
+        figures: the probe's figures.
+        step: the global step of the probe.
+        prefix: the monitor's name, prepended to every tag (``"coarse"`` gives ``coarse/cka/intra``); none when empty.
+    """
+    file_writer = writer._get_file_writer()  # the SummaryWriter's own event file, recreated if it was closed
+    wall_time = time.time()
     for figure in figures:
-        file_writer.add_summary(figure_summary(figure, prefix + figure.tag), global_step=step)
-    writer.flush()
+        file_writer.add_summary(figure_summary(figure, prefixed_tag(figure.tag, prefix)), step, wall_time)

@@ -1,0 +1,191 @@
+"""The plugin's reads, through TensorBoard's data provider only, with a small cache.
+
+``read_tensors`` has no step filter: it returns a whole time series. With the fast (Rust) loader that is a gRPC copy of
+every step's JSON, so a series is read once and kept until ``list_tensors`` reports a newer step or wall time.
+"""
+
+import bisect
+import json
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any
+
+from tensorboard.data import provider
+
+from lightning_cka.dashboard.summaries import METADATA_VERSION, PLUGIN_NAME
+
+# read_tensors wants an explicit cap; the loader has already applied the reservoir sampling the user asked for.
+_ALL_SAMPLES = 1 << 40
+
+
+@dataclass(frozen=True)
+class FigureTag:
+    """One figure time series of a run, as ``list_tensors`` describes it."""
+
+    tag: str
+    title: str
+    caption: str
+    max_step: int
+    max_wall_time: float
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One step of a figure time series: the raw JSON bytes, or ``None`` when the tensor is not a string scalar."""
+
+    step: int
+    wall_time: float
+    payload: bytes | None
+
+
+class Samples:
+    """The steps of one (run, tag), in step order; a step logged twice keeps its last value."""
+
+    def __init__(self, samples: list[Sample]) -> None:
+        by_step = {s.step: s for s in samples}
+        self.samples = [by_step[step] for step in sorted(by_step)]
+        self.steps = [s.step for s in self.samples]
+        self.nbytes = sum(len(s.payload or b"") for s in self.samples) + 64 * len(self.samples)
+
+    def at(self, step: int | None) -> Sample | None:
+        """The sample at ``step`` (the last one for ``None``), or ``None`` when that step is not kept."""
+        if not self.samples:
+            return None
+        if step is None:
+            return self.samples[-1]
+        i = bisect.bisect_left(self.steps, step)
+        return self.samples[i] if i < len(self.steps) and self.steps[i] == step else None
+
+
+class BytesLRU:
+    """A least-recently-used map bounded by the total size its values report; thread-safe."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[Hashable, tuple[Hashable, Any, int]] = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def get_or_make(self, key: Hashable, version: Hashable, make: Callable[[], tuple[Any, int]]) -> Any:
+        """The value cached for ``key`` at ``version``, else ``make()``'s ``(value, nbytes)``, cached."""
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is not None and hit[0] == version:
+                self._items.move_to_end(key)
+                return hit[1]
+        value, nbytes = make()  # outside the lock: a slow read must not block other requests
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._size -= old[2]
+            if nbytes <= self.max_bytes:
+                self._items[key] = (version, value, nbytes)
+                self._size += nbytes
+            while self._size > self.max_bytes:
+                _, (_, _, size) = self._items.popitem(last=False)
+                self._size -= size
+        return value
+
+
+class FigureStore:
+    """Lists and reads the ``lightning_cka`` tensor summaries of an experiment.
+
+    Args:
+        data_provider: the ``TBContext.data_provider``.
+        max_bytes: memory for cached series (raw JSON) and for cached history stacks, each.
+    """
+
+    def __init__(self, data_provider: provider.DataProvider, max_bytes: int = 256 << 20) -> None:
+        self._provider = data_provider
+        self._series = BytesLRU(max_bytes)
+        self.derived = BytesLRU(max_bytes)  # for values computed from a series, e.g. history stacks
+
+    def list(
+        self, ctx: Any, experiment_id: str, run: str | None = None, tag: str | None = None
+    ) -> tuple[dict[str, dict[str, FigureTag]], list[dict[str, str]]]:
+        """The figure tags of each run, and the tags skipped because a newer version of the package wrote them.
+
+        Args:
+            ctx: the request's ``RequestContext``.
+            experiment_id: from ``plugin_util.experiment_id``.
+            run: only this run, when given.
+            tag: only this tag, when given.
+        """
+        run_tag_filter = provider.RunTagFilter(runs=None if run is None else [run], tags=None if tag is None else [tag])
+        listing = self._provider.list_tensors(
+            ctx, experiment_id=experiment_id, plugin_name=PLUGIN_NAME, run_tag_filter=run_tag_filter
+        )
+        runs: dict[str, dict[str, FigureTag]] = {}
+        skipped = []
+        for run_name, tags in (listing or {}).items():
+            for tag_name, series in tags.items():
+                version = _metadata_version(series.plugin_content)
+                if version is None or version > METADATA_VERSION:
+                    reason = f"metadata version {version}" if version else "unreadable metadata"
+                    skipped.append({"run": run_name, "tag": tag_name, "reason": reason})
+                    continue
+                runs.setdefault(run_name, {})[tag_name] = FigureTag(
+                    tag=tag_name,
+                    title=series.display_name or "",
+                    caption=series.description or "",
+                    max_step=int(series.max_step),
+                    max_wall_time=float(series.max_wall_time),
+                )
+        return runs, skipped
+
+    def series(self, ctx: Any, experiment_id: str, run: str, tag: str) -> tuple[Samples, FigureTag] | None:
+        """Every kept step of one (run, tag), or ``None`` when the run has no such figure."""
+        info = self.list(ctx, experiment_id, run, tag)[0].get(run, {}).get(tag)
+        if info is None:
+            return None
+
+        def read() -> tuple[Samples, int]:
+            data = self._provider.read_tensors(
+                ctx,
+                experiment_id=experiment_id,
+                plugin_name=PLUGIN_NAME,
+                downsample=_ALL_SAMPLES,
+                run_tag_filter=provider.RunTagFilter(runs=[run], tags=[tag]),
+            )
+            datums = (data or {}).get(run, {}).get(tag, [])
+            samples = Samples([Sample(int(d.step), float(d.wall_time), _string_scalar(d.numpy)) for d in datums])
+            return samples, samples.nbytes
+
+        version = (info.max_step, info.max_wall_time)
+        return self._series.get_or_make((experiment_id, run, tag), version, read), info
+
+
+def parse_figure(payload: bytes | None) -> dict[str, Any]:
+    """A sample's figure JSON as a dict.
+
+    Raises:
+        ValueError: when the payload is not the JSON of a figure (not a string tensor, bad JSON, no panel list).
+    """
+    if payload is None:
+        raise ValueError("the tensor is not a scalar string")
+    try:
+        figure = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"the tensor is not valid JSON ({e})") from e
+    if not isinstance(figure, dict) or not isinstance(figure.get("panels"), list):
+        raise ValueError("the JSON is not a figure (no list of panels)")
+    return figure
+
+
+def _metadata_version(content: bytes) -> int | None:
+    try:
+        version = json.loads(content or b"{}").get("version")
+    except (ValueError, AttributeError):
+        return None
+    return version if isinstance(version, int) else None
+
+
+def _string_scalar(array: Any) -> bytes | None:
+    if getattr(array, "shape", None) != ():
+        return None
+    value = array.item()
+    if isinstance(value, str):
+        return value.encode()
+    return value if isinstance(value, bytes) else None
