@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 from common import describe, parse, parser, print_table, round_ratios, save, summary
+from lightning_cka.callbacks.renderer import ProbeRenderer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_cka.callbacks.renderer import ProbeRenderer
 from lightning_cka.result import CKAResult
 
 TRAIN = Path(__file__).resolve().parents[1] / "examples" / "train.py"

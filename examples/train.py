@@ -22,12 +22,12 @@ import timm
 import torch
 from classifier import PRESETS, ImageClassifier, timm_spec
 from image_data import DATASETS, cifar10_splits, digits_splits, imagefolder_splits, subsample
+from lightning_cka.taps.recorder import REDUCTIONS
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_cka import CKAMonitor
-from lightning_cka.taps.recorder import REDUCTIONS
 
 DEFAULT_MODEL, DEFAULT_STEPS = "vit_mini_patch4", 300
 

@@ -8,6 +8,7 @@ import json
 import os
 import zipfile
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -188,7 +189,12 @@ class CKAResult:
         from lightning_cka.analyses import ANALYSES
 
         view = view or View(run=self.run or "")
-        return [figure for analysis in ANALYSES for figure in analysis.figures(self, previous, view)]
+        meta = {"step": self.step, "run": view.run, "probe": self.probe_hash or "", "num_examples": self.num_examples}
+        return [
+            replace(figure, meta={**meta, **figure.meta})
+            for analysis in ANALYSES
+            for figure in analysis.figures(self, previous, view)
+        ]
 
     def scalars(self, view: View | None = None) -> dict[str, float]:
         """The probe's headline numbers by tag, as the monitor logs them."""

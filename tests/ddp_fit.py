@@ -13,6 +13,15 @@ from lit_helpers import lightning_module_class, loaders, make_model
 from lightning_cka import CKAMonitor
 
 
+class FailsOnRank1(CKAMonitor):
+    """With two processes, the probe at step 4 fails on rank 1 only: rank 0 must report rank 1's error."""
+
+    def forward_probe(self, pl_module, inputs):
+        if pl_module.trainer.world_size > 1 and pl_module.global_rank == 1 and pl_module.global_step == 4:
+            raise RuntimeError("rank 1 fails at step 4")
+        return pl_module(inputs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--devices", type=int, default=1)
@@ -20,12 +29,12 @@ def main() -> None:
     args = parser.parse_args()
     pl.seed_everything(0, workers=True)
     reference = make_model("test_resnet")
-    monitor = CKAMonitor(every_n_train_steps=2, probe_size=40, batch_size=8, reference=reference)
+    monitor = FailsOnRank1(every_n_train_steps=2, probe_size=40, batch_size=8, reference=reference)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=args.devices,
         strategy="ddp" if args.devices > 1 else "auto",
-        max_steps=4,
+        max_steps=6,
         logger=TensorBoardLogger(args.out, name="run", version=0),
         callbacks=[monitor],
         enable_progress_bar=False,
@@ -35,7 +44,7 @@ def main() -> None:
     )
     # lr=0: the weights stay put, so every probe of the two runs must agree (DDP training itself is not under test).
     lit = lightning_module_class(pl.LightningModule)(lr=0.0)
-    train, val = loaders(batch_size=8 // args.devices, shuffle=False)  # same global batch as one process
+    train, val = loaders(batch_size=8 // args.devices, shuffle=False, n_val=40)  # same global batch as one process
     trainer.fit(lit, train, val)
 
 

@@ -69,10 +69,10 @@ def manual_outputs(model, names, x, pre=False):
         handles = []
         for name in names:
             if pre:
-                hook = lambda m, args, name=name: seen.__setitem__(name, args[0].detach().clone())  # noqa: E731
+                hook = lambda m, args, name=name, seen=seen: seen.__setitem__(name, args[0].detach().clone())  # noqa: E731
                 handles.append(modules[name].register_forward_pre_hook(hook))
             else:
-                hook = lambda m, args, out, name=name: seen.__setitem__(name, out.detach().clone())  # noqa: E731
+                hook = lambda m, args, out, name=name, seen=seen: seen.__setitem__(name, out.detach().clone())  # noqa: E731
                 handles.append(modules[name].register_forward_hook(hook))
         with torch.no_grad():
             model(x[i * BATCH : (i + 1) * BATCH].to(next(model.parameters()).dtype))

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 import warnings
@@ -13,10 +14,12 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_cka import CKAMonitor, CKAResult
+from lightning_cka import CKAMonitor, CKAResult, compare_models
+from lightning_cka.probe_data.sample import load_probe
 
 LitClassifier = lightning_module_class(pl.LightningModule)
 HERE = Path(__file__).parent
+QUIET = {"enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False}
 
 
 def fit(tmp_path, monitor=None, max_steps=6, lit=None, logger=True, train_val=None, **trainer_kwargs):
@@ -24,13 +27,12 @@ def fit(tmp_path, monitor=None, max_steps=6, lit=None, logger=True, train_val=No
     lit = lit() if callable(lit) and not isinstance(lit, torch.nn.Module) else lit or LitClassifier(drop_rate=0.1)
     if logger is True:
         logger = TensorBoardLogger(tmp_path, name="run")
-    settings = {"enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False}
     trainer = pl.Trainer(
         accelerator="cpu",
         max_steps=max_steps,
         logger=logger,
         callbacks=[monitor] if isinstance(monitor, CKAMonitor) else list(monitor or []),
-        **{**settings, **trainer_kwargs},
+        **{**QUIET, **trainer_kwargs},
     )
     trainer.fit(lit, *(train_val or loaders()))
     return trainer, lit
@@ -41,55 +43,103 @@ def small_monitor(**kwargs):
 
 
 def events(log_dir):
-    acc = EventAccumulator(str(log_dir), size_guidance={"images": 0, "scalars": 0})
+    acc = EventAccumulator(str(log_dir), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
     acc.Reload()
     return acc
 
 
 def array_steps(log_dir, name=None):
     folder = Path(log_dir) / "cka" / (name or "")
-    return sorted(int(p.stem.split("_")[1]) for p in folder.glob("step_*.npz"))
+    return sorted(int(p.stem.split("_")[1]) for p in folder.glob("step_*.npz") if p.is_file())
 
 
-def test_every_documented_tag_reaches_tensorboard(tmp_path):
-    monitor = small_monitor(reference=make_model("test_resnet"))
-    trainer, _ = fit(tmp_path, monitor)
+@pytest.fixture(scope="module")
+def vit_run(tmp_path_factory):
+    """One fit shared by the tests that read the same run: a ViT with a ResNet reference, probed every 3 steps."""
+    reference = make_model("test_resnet")
+    monitor = small_monitor(reference=reference)
+    trainer, lit = fit(tmp_path_factory.mktemp("vit"), monitor)
+    return trainer, lit, reference, monitor
+
+
+def test_every_documented_tag_reaches_tensorboard(vit_run):
+    trainer, *_ = vit_run
     acc = events(trainer.log_dir)
-    images = {"cka/intra", "cka/reference", "cka/intra_change", "attention/mean_distance"}
+    images = {"cka/intra", "cka/reference", "cka/reference_intra", "cka/intra_change", "attention/mean_distance"}
     assert images <= set(acc.Tags()["images"])
     assert [e.step for e in acc.Images("cka/intra")] == [0, 3, 6]
     assert [e.step for e in acc.Images("cka/intra_change")] == [3, 6]
+    assert [e.step for e in acc.Images("cka/reference_intra")] == [0]  # the frozen reference does not change
     scalars = set(acc.Tags()["scalars"])
     blocks = [f"blocks.{i}" for i in range(6)]
-    expected = {"cka/probe_seconds", "cka/adjacent_mean", "cka/offdiag_mean"}
+    expected = {"cka/probe_seconds", "cka/adjacent_mean", "cka/offdiag_mean", "cka/offdiag_mean_se"}
     expected |= {f"cka_vs_previous/{b}" for b in blocks}
     expected |= {f"cka_reference/best_value/{b}" for b in blocks} | {f"cka_reference/best_layer/{b}" for b in blocks}
-    for kind in ("mean_distance", "min_distance", "local_fraction"):
+    for kind in ("mean_distance", "min_distance", "local_fraction", "entropy"):
         expected |= {f"attention/{kind}/{b}.attn" for b in blocks}
     assert expected <= scalars, expected - scalars
     assert [e.step for e in acc.Scalars("cka/probe_seconds")] == [0, 3, 6]
-    assert all(e.value > 0 for e in acc.Scalars("cka/probe_seconds"))
-    best = [e.value for e in acc.Scalars("cka_reference/best_layer/blocks.0")]
-    assert all(v in (0, 1, 2, 3) for v in best)
+    assert all(v in (0, 1, 2, 3) for v in (e.value for e in acc.Scalars("cka_reference/best_layer/blocks.0")))
 
 
-def test_arrays_hold_every_documented_field(tmp_path):
-    trainer, _ = fit(tmp_path, small_monitor(reference=make_model("test_resnet")))
+def test_the_dashboard_data_holds_the_same_figures_as_the_images(vit_run):
+    import json
+
+    trainer, *_ = vit_run
+    acc = events(trainer.log_dir)
+    assert set(acc.Tags()["tensors"]) == set(acc.Tags()["images"])
+    final = CKAResult.load(Path(trainer.log_dir) / "cka" / "step_0000006.npz")
+    (event,) = [e for e in acc.Tensors("cka/intra") if e.step == 6]
+    figure = json.loads(event.tensor_proto.string_val[0])
+    np.testing.assert_allclose(np.array(figure["panels"][0]["values"], dtype=float), final.intra)
+    assert figure["meta"]["probe"] == final.probe_hash and figure["meta"]["step"] == 6
+    assert figure["subtitle"].startswith("run/version_0")
+
+
+def test_arrays_hold_the_matrices_with_their_uncertainty_and_the_probe(vit_run):
+    trainer, *_ = vit_run
     assert array_steps(trainer.log_dir) == [0, 3, 6]
-    path = Path(trainer.log_dir) / "cka" / "step_0000006.npz"
-    with np.load(path, allow_pickle=False) as raw:
-        for key in ("intra", "layers", "reference", "reference_layers", "mean_attention_distance", "step", "epoch"):
-            assert key in raw.files
-    result = CKAResult.load(path)
+    result = CKAResult.load(Path(trainer.log_dir) / "cka" / "step_0000006.npz")
     assert result.layers == [f"blocks.{i}" for i in range(6)]
     assert result.reference_layers == ["layer1.0", "layer2.0", "layer3.0", "layer4.0"]
-    assert result.intra.shape == (6, 6) and result.reference.shape == (6, 4) and result.previous.shape == (6, 6)
-    assert result.mean_attention_distance.shape == (6, 2)
-    assert result.reference_mean_attention_distance.size == 0
-    assert result.uniform_attention_distance > 0 and np.isnan(result.reference_uniform_attention_distance)
-    assert result.step == 6 and result.num_examples == 24
+    for key, shape in (("intra", (6, 6)), ("reference", (6, 4)), ("previous", (6, 6)), ("reference_intra", (4, 4))):
+        for suffix in ("", "_se", "_null"):
+            assert getattr(result, key + suffix).shape == shape, key + suffix
+    assert result.intra_replicates.shape == (3, 6, 6) and result.num_minibatches == 3
+    assert result.minibatch_sizes.tolist() == [8, 8, 8] and result.permutations == 19
+    assert result.mean_attention_distance.shape == (6, 2) and result.reference_mean_attention_distance is None
+    assert result.uniform_attention_distance > 0 and result.reference_uniform_attention_distance is None
+    assert (
+        result.step == 6 and result.epoch == 1 and result.num_examples == 24
+    )  # 4 batches per epoch: step 6 is epoch 1
+    assert result.run == "run/version_0" and "trained" not in result.reference_label
     np.testing.assert_allclose(np.diagonal(result.intra), 1.0)
-    assert np.all(result.intra <= 1 + 1e-9)
+    probe = load_probe(Path(trainer.log_dir) / "cka" / "probe.npz")
+    assert probe.images.shape == (24, 3, 32, 32) and probe.labels.shape == (24,) and probe.hash == result.probe_hash
+
+
+def test_compare_models_on_the_saved_probe_reproduces_the_monitor(vit_run):
+    trainer, lit, reference, _ = vit_run
+    result = CKAResult.load(Path(trainer.log_dir) / "cka" / "step_0000006.npz")
+    probe = load_probe(Path(trainer.log_dir) / "cka" / "probe.npz")
+    again = compare_models(lit, reference, data=probe.images, batch_size=8)
+    assert again.layers == result.layers and again.probe_hash == result.probe_hash
+    for key in (
+        "intra",
+        "intra_se",
+        "intra_null",
+        "reference",
+        "reference_se",
+        "reference_intra",
+        "mean_attention_distance",
+    ):
+        np.testing.assert_allclose(getattr(again, key), getattr(result, key), rtol=1e-9, atol=1e-12, err_msg=key)
+
+
+def test_the_reference_leaves_the_training_device_once_cached(vit_run):
+    *_, monitor = vit_run
+    assert monitor._engine is None  # teardown frees the engine and its caches
+    assert all(p.device.type == "cpu" for p in vit_run[2].parameters())  # nothing to free on a CPU run
 
 
 def test_training_is_bit_identical_with_and_without_the_monitor(tmp_path):
@@ -100,7 +150,7 @@ def test_training_is_bit_identical_with_and_without_the_monitor(tmp_path):
                 small_monitor(every_n_train_steps=2, reference=make_model("test_resnet")) if with_monitor else None
             )
             lit = lambda name=name: LitClassifier(name, drop_rate=0.2)  # noqa: E731 (built after seeding)
-            _, lit = fit(tmp_path / str(len(runs)), monitor, max_steps=5, lit=lit)
+            _, lit = fit(tmp_path / str(len(runs)), monitor, max_steps=4, lit=lit)
             runs.append((name, torch.stack(lit.losses), {k: v.clone() for k, v in lit.state_dict().items()}))
     for (name, losses, weights), (_, losses_m, weights_m) in zip(runs[:2], runs[2:], strict=True):
         assert torch.equal(losses, losses_m), name
@@ -110,8 +160,8 @@ def test_training_is_bit_identical_with_and_without_the_monitor(tmp_path):
 
 
 def test_bf16_mixed_precision(tmp_path):
-    trainer, _ = fit(tmp_path, small_monitor(reference=make_model("test_resnet")), precision="bf16-mixed")
-    result = CKAResult.load(Path(trainer.log_dir) / "cka" / "step_0000006.npz")
+    trainer, _ = fit(tmp_path, small_monitor(reference=make_model("test_resnet")), precision="bf16-mixed", max_steps=3)
+    result = CKAResult.load(Path(trainer.log_dir) / "cka" / "step_0000003.npz")
     assert np.isfinite(result.intra).all() and np.isfinite(result.reference).all()
 
 
@@ -121,40 +171,42 @@ def test_gradient_accumulation_probes_each_optimizer_step_once(tmp_path):
     assert [e.step for e in events(trainer.log_dir).Scalars("cka/probe_seconds")] == [0, 1, 2, 3]
 
 
-def test_every_n_epochs(tmp_path):
+def test_every_n_epochs_and_the_epoch_of_the_final_probe(tmp_path):
     trainer, _ = fit(tmp_path, small_monitor(every_n_train_steps=None, every_n_epochs=1), max_steps=-1, max_epochs=2)
     assert array_steps(trainer.log_dir) == [0, 4, 8]  # 64 training examples, batches of 16
+    epochs = [CKAResult.load(Path(trainer.log_dir) / "cka" / f"step_{s:07d}.npz").epoch for s in (0, 4, 8)]
+    assert epochs == [0, 0, 1]  # the weights of step 8 come from epoch 1, not the epoch counter after it
 
 
 def test_compiled_model(tmp_path):
     lit = LitClassifier()
     lit.model = torch.compile(lit.model, backend="eager")
-    trainer, _ = fit(tmp_path, small_monitor(), lit=lit)
-    result = CKAResult.load(Path(trainer.log_dir) / "cka" / "step_0000006.npz")
-    assert result.layers == [f"blocks.{i}" for i in range(6)]
-    assert result.mean_attention_distance.shape == (6, 2)
+    trainer, _ = fit(tmp_path, small_monitor(), lit=lit, max_steps=3)
+    result = CKAResult.load(Path(trainer.log_dir) / "cka" / "step_0000003.npz")
+    assert result.layers == [f"blocks.{i}" for i in range(6)] and result.mean_attention_distance.shape == (6, 2)
 
 
 def test_no_validation_falls_back_to_the_training_data(tmp_path):
     train, _ = loaders()
-    trainer, _ = fit(tmp_path, small_monitor(), train_val=(train,), limit_val_batches=0)
-    assert array_steps(trainer.log_dir) == [0, 3, 6]
+    trainer, _ = fit(tmp_path, small_monitor(), train_val=(train,), limit_val_batches=0, max_steps=3)
+    assert array_steps(trainer.log_dir) == [0, 3]
 
 
 def test_dict_batches_with_input_key_and_a_custom_extraction(tmp_path):
     train_val = loaders(dict_batches=True)
-    trainer, _ = fit(
-        tmp_path / "a", small_monitor(input_key="pixels"), lit=LitClassifier(dict_batches=True), train_val=train_val
-    )
-    assert array_steps(trainer.log_dir) == [0, 3, 6]
 
     class PixelsMonitor(CKAMonitor):
         def extract_inputs(self, batch):
             return batch["pixels"]
 
-    monitor = PixelsMonitor(every_n_train_steps=3, probe_size=24, batch_size=8)
-    trainer, _ = fit(tmp_path / "b", monitor, lit=LitClassifier(dict_batches=True), train_val=train_val)
-    assert array_steps(trainer.log_dir) == [0, 3, 6]
+    for sub, monitor in (
+        ("a", small_monitor(input_key="pixels")),
+        ("b", PixelsMonitor(every_n_train_steps=3, probe_size=24, batch_size=8)),
+    ):
+        trainer, _ = fit(
+            tmp_path / sub, monitor, lit=LitClassifier(dict_batches=True), train_val=train_val, max_steps=3
+        )
+        assert array_steps(trainer.log_dir) == [0, 3]
     with pytest.raises(KeyError, match=r"keys: \['label', 'pixels'\]\); pass input_key"):
         fit(tmp_path / "c", small_monitor(), lit=LitClassifier(dict_batches=True), train_val=train_val)
 
@@ -168,12 +220,28 @@ def test_constant_layer_is_nan_with_a_warning_and_training_continues(tmp_path):
         def forward(self, x):
             return self.model(x) + 0 * self.dead(torch.zeros_like(x[:, :, 0, :3]).mean(1))
 
-    with pytest.warns(UserWarning, match=r"CKA is NaN for layer\(s\) dead"):
-        trainer, _ = fit(tmp_path, small_monitor(layers=["blocks.0", "dead", "blocks.5"]), lit=WithDeadBranch())
-    assert trainer.global_step == 6
-    result = CKAResult.load(Path(trainer.log_dir) / "cka" / "step_0000006.npz")
+    with pytest.warns(UserWarning, match=r"CKA is NaN for layer\(s\) dead \(constant on the probe images\)"):
+        trainer, _ = fit(
+            tmp_path, small_monitor(layers=["blocks.0", "dead", "blocks.5"]), lit=WithDeadBranch(), max_steps=3
+        )
+    result = CKAResult.load(Path(trainer.log_dir) / "cka" / "step_0000003.npz")
     assert result.layers == ["model.blocks.0", "dead", "model.blocks.5"]
+    assert result.layer_notes == ["", "constant on the probe images", ""]
     assert np.isnan(result.intra[1]).all() and np.isfinite(result.intra[[0, 2]][:, [0, 2]]).all()
+
+
+def test_nan_reaching_the_attention_layers_warns_and_training_continues(tmp_path):
+    class PoisonedProbe(CKAMonitor):
+        def forward_probe(self, pl_module, inputs):  # NaN images reach every attention layer, at step 0 too
+            return pl_module(inputs * float("nan"))
+
+    monitor = PoisonedProbe(every_n_train_steps=3, probe_size=24, batch_size=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer, _ = fit(tmp_path, monitor)
+    assert trainer.global_step == 6 and array_steps(trainer.log_dir) == [0, 3, 6]
+    result = CKAResult.load(Path(trainer.log_dir) / "cka" / "step_0000006.npz")
+    assert np.isnan(result.mean_attention_distance).all() and result.layer_notes[0] == "NaN/inf in its output"
 
 
 def test_a_failing_later_probe_warns_and_training_continues(tmp_path):
@@ -189,19 +257,36 @@ def test_a_failing_later_probe_warns_and_training_continues(tmp_path):
     assert trainer.global_step == 6 and array_steps(trainer.log_dir) == [0, 6]
 
 
+def test_a_failed_array_write_keeps_the_images_and_names_the_path(tmp_path):
+    log_dir = tmp_path / "run" / "version_0"
+    (log_dir / "cka" / "step_0000003.npz").mkdir(parents=True)  # in the way of step 3's file
+    with pytest.warns(UserWarning, match=r"could not write the arrays of step 3 to .*step_0000003\.npz"):
+        trainer, _ = fit(tmp_path, small_monitor(), max_steps=6, logger=TensorBoardLogger(tmp_path, "run", version=0))
+    assert array_steps(trainer.log_dir) == [0, 6]
+    assert [e.step for e in events(trainer.log_dir).Images("cka/intra")] == [0, 3, 6]  # the images are all there
+
+
 def test_reference_by_timm_name_with_a_lightning_checkpoint_of_another_run(tmp_path):
     donor = LitClassifier("test_resnet")
     trainer, _ = fit(tmp_path / "donor", None, lit=donor, max_steps=2)
     ckpt = tmp_path / "donor.ckpt"
     trainer.save_checkpoint(ckpt)
     monitor = small_monitor(reference="test_resnet", reference_weights=str(ckpt), reference_kwargs={"num_classes": 4})
-    trainer, _ = fit(tmp_path / "run", monitor)
-    assert torch.equal(monitor._reference_model.fc.weight, donor.model.fc.weight)
-    assert not monitor._reference_model.training and not any(
-        p.requires_grad for p in monitor._reference_model.parameters()
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a trained reference draws no "untrained" warning
+        warnings.filterwarnings("ignore", ".*(does not have many workers|smaller than the logging|LeafSpec).*")
+        trainer, _ = fit(tmp_path / "run", monitor, max_steps=3)
+    result = CKAResult.load(Path(trainer.log_dir) / "cka" / "step_0000003.npz")
+    assert result.reference_label == f"test_resnet, trained ({ckpt})"
     with pytest.raises(ValueError, match=r"do not fit ResNet.*num_classes"):
         fit(tmp_path / "bad", small_monitor(reference="test_resnet", reference_weights=str(ckpt)))
+
+
+def test_an_untrained_named_reference_warns_once(tmp_path):
+    monitor = small_monitor(reference="test_resnet", reference_kwargs={"num_classes": 4})
+    with pytest.warns(UserWarning, match="untrained timm model") as record:
+        fit(tmp_path, monitor, max_steps=3)
+    assert len([w for w in record if "untrained timm model" in str(w.message)]) == 1
 
 
 def test_resume_keeps_probe_identity_and_cadence(tmp_path):
@@ -210,6 +295,8 @@ def test_resume_keeps_probe_identity_and_cadence(tmp_path):
     first = small_monitor(every_n_train_steps=2)
     logger = TensorBoardLogger(tmp_path, name="resumed", version=0)
     fit(tmp_path, [first, checkpoint], max_steps=4, logger=logger, enable_checkpointing=True)
+    state = torch.load(tmp_path / "ckpt" / "epoch=0-step=4.ckpt", weights_only=True)["callbacks"][first.state_key]
+    assert state["settings"]["batch_size"] == 8 and state["probe_hash"] == first._probe_hash
     second = small_monitor(every_n_train_steps=2)
     logger = TensorBoardLogger(tmp_path, name="resumed", version=0)
     trainer = pl.Trainer(
@@ -226,40 +313,56 @@ def test_resume_keeps_probe_identity_and_cadence(tmp_path):
     assert not [w for w in record if "probe images differ" in str(w.message)]
     assert array_steps(trainer.log_dir) == array_steps(straight.log_dir) == [0, 2, 4, 6, 8]
     assert second._probe_indices == first._probe_indices and second._probe_indices is not None
-    steps = [e.step for e in events(trainer.log_dir).Scalars("cka/probe_seconds")]
-    assert steps == [0, 2, 4, 6, 8]  # no step probed twice, none missing
+    assert [e.step for e in events(trainer.log_dir).Scalars("cka/probe_seconds")] == [0, 2, 4, 6, 8]
 
 
-def test_several_monitors_coexist(tmp_path):
+def test_old_checkpoints_without_the_newer_keys_load():
+    monitor = small_monitor()
+    monitor.load_state_dict({"last_probe_step": 4, "probe_indices": [1, 2], "probe_fingerprint": [24.0, 1.0, 2.0]})
+    assert monitor._last_probe_step == 4 and monitor._probe_hash is None
+
+
+def test_one_monitor_used_by_a_second_trainer_starts_afresh(tmp_path):
+    monitor = small_monitor()
+    fit(tmp_path / "first", monitor, max_steps=3)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer, _ = fit(tmp_path / "second", monitor, max_steps=3, train_val=loaders(n_val=40))
+    assert not [w for w in record if "probe images differ" in str(w.message)]  # no resume happened
+    assert array_steps(trainer.log_dir) == [0, 3]
+
+
+def test_several_monitors_coexist_and_unnamed_twins_are_refused(tmp_path):
     coarse = small_monitor(every_n_train_steps=3, name="coarse")
     fine = small_monitor(every_n_train_steps=2, name="fine", layers="blocks.*.attn", attention=False)
     trainer, _ = fit(tmp_path, [coarse, fine])
     assert coarse.state_key != fine.state_key
-    assert array_steps(trainer.log_dir, "coarse") == [0, 3, 6]
-    assert array_steps(trainer.log_dir, "fine") == [0, 2, 4, 6]
+    assert array_steps(trainer.log_dir, "coarse") == [0, 3, 6] and array_steps(trainer.log_dir, "fine") == [0, 2, 4, 6]
     tags = events(trainer.log_dir).Tags()
     assert "coarse/cka/intra" in tags["images"] and "fine/cka/intra" in tags["images"]
     assert "fine/attention/mean_distance/blocks.0.attn" not in tags["scalars"]
+    with pytest.raises(MisconfigurationException, match="share the name None.*give each a different name"):
+        fit(tmp_path / "twins", [small_monitor(), small_monitor(every_n_train_steps=2)])
 
 
 def test_csv_logger_gets_scalars_and_one_warning_about_images(tmp_path):
     with pytest.warns(UserWarning, match="CSVLogger cannot take images") as record:
-        trainer, _ = fit(tmp_path, small_monitor(), logger=CSVLogger(tmp_path))
+        trainer, _ = fit(tmp_path, small_monitor(), logger=CSVLogger(tmp_path), max_steps=3)
     assert len([w for w in record if "cannot take images" in str(w.message)]) == 1
     header = (Path(trainer.log_dir) / "metrics.csv").read_text().splitlines()[0]
     assert "cka/offdiag_mean" in header and "attention/local_fraction/blocks.0.attn" in header
-    assert array_steps(trainer.log_dir) == [0, 3, 6]
+    assert array_steps(trainer.log_dir) == [0, 3]
+
+
+def test_fast_dev_run_writes_no_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fit(tmp_path, small_monitor(), logger=True, fast_dev_run=True, max_steps=-1)
+    assert not (tmp_path / "cka").exists() and not list(tmp_path.glob("**/*.npz"))
 
 
 def test_no_logger_is_a_clear_error(tmp_path):
     with pytest.raises(MisconfigurationException, match="needs a logger"):
         fit(tmp_path, small_monitor(), logger=False)
-
-
-def test_simple_profiler_shows_the_callback_hooks(tmp_path):
-    trainer, _ = fit(tmp_path, small_monitor(), profiler="simple")
-    actions = trainer.profiler.recorded_durations
-    assert any("CKAMonitor" in action and "on_train_batch_end" in action for action in actions)
 
 
 def test_lightning_pytorch_namespace(tmp_path):
@@ -270,9 +373,7 @@ def test_lightning_pytorch_namespace(tmp_path):
         max_steps=3,
         logger=lightning.loggers.TensorBoardLogger(tmp_path),
         callbacks=[small_monitor()],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
+        **QUIET,
     )
     trainer.fit(lit, *loaders())
     assert array_steps(trainer.log_dir) == [0, 3]
@@ -292,14 +393,27 @@ def test_lightning_pytorch_namespace(tmp_path):
         ({"local_threshold": 2.0}, "local_threshold"),
         ({"probe": [1, 2, 3]}, "probe must be a tensor"),
         ({"probe": torch.zeros(2, 3, 8, 8)}, "N >= 4"),
+        ({"probe": torch.zeros(5, 3, 8, 8), "probe_labels": torch.zeros(4)}, "one per probe image"),
+        ({"probe_labels": torch.zeros(4)}, "go with a tensor probe"),
         ({"reference": 3}, "reference must be an nn.Module"),
         ({"reference_weights": "x.ckpt"}, "without reference"),
         ({"name": "a/b"}, "without '/'"),
+        ({"name": ".."}, "not only dots"),
+        ({"heads": True}, "heads=True compares attention heads with a reference"),
+        ({"permutations": -1}, "permutations must be"),
+        ({"minibatch_weights": "rows"}, "minibatch_weights must be one of"),
+        ({"linear_probe": "yes"}, "linear_probe must be True or False"),
     ],
 )
 def test_constructor_validation(kwargs, message):
     with pytest.raises(MisconfigurationException, match=message):
         CKAMonitor(**kwargs)
+
+
+def test_linear_probe_without_labels_fails_before_training(tmp_path):
+    monitor = small_monitor(probe=torch.randn(24, 3, 32, 32), linear_probe=True)
+    with pytest.raises(MisconfigurationException, match="linear_probe=True needs class labels"):
+        fit(tmp_path, monitor)
 
 
 def test_bad_layer_names_fail_before_training(tmp_path):
@@ -322,14 +436,18 @@ def test_lightning_cli_builds_the_callback_from_yaml(tmp_path):
         "        reference_kwargs: {num_classes: 10}\n"
         "        reduction: cls\n"
         "        batch_size: 128\n"
+        "        permutations: 39\n"
+        "        residual: false\n"
     )
     cli = LightningCLI(pl.LightningModule, run=False, args=["--config", str(config)])
     (monitor,) = [c for c in cli.trainer.callbacks if isinstance(c, CKAMonitor)]
     assert monitor.every_n_train_steps == 500 and monitor.reference == "resnet18" and monitor.batch_size == 128
     assert monitor.layers == ["blocks.*.attn", "blocks.*.mlp"] and monitor.reference_kwargs == {"num_classes": 10}
+    assert monitor.options.permutations == 39 and monitor.options.residual is False
 
 
-def test_ddp_two_processes_write_the_same_arrays_as_one(tmp_path):
+def test_ddp_two_processes_write_the_same_arrays_as_one_and_report_a_failure_on_rank_1(tmp_path):
+    outputs = {}
     for devices in (1, 2):
         out = tmp_path / f"devices{devices}"
         proc = subprocess.run(
@@ -337,14 +455,27 @@ def test_ddp_two_processes_write_the_same_arrays_as_one(tmp_path):
             capture_output=True,
             text=True,
             timeout=300,
+            env={**os.environ, "PYTHONWARNINGS": "default"},
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
+        outputs[devices] = proc.stderr
     single, double = tmp_path / "devices1" / "run", tmp_path / "devices2" / "run"
     assert [p.name for p in double.iterdir()] == ["version_0"]  # one set of files
-    assert array_steps(double / "version_0") == array_steps(single / "version_0") == [0, 2, 4]
-    for step in (0, 2, 4):
+    assert array_steps(single / "version_0") == [0, 2, 4, 6]
+    assert array_steps(double / "version_0") == [0, 2, 6]  # rank 1 failed at step 4: every rank skipped it
+    assert "probe at step 4 failed (rank 1: RuntimeError('rank 1 fails at step 4'))" in outputs[2]
+    for step in (0, 2, 6):
         a = CKAResult.load(single / "version_0" / "cka" / f"step_{step:07d}.npz")
         b = CKAResult.load(double / "version_0" / "cka" / f"step_{step:07d}.npz")
-        assert a.layers == b.layers and a.reference_layers == b.reference_layers and b.num_examples == 32
-        for field in ("intra", "reference", "reference_intra", "previous", "mean_attention_distance"):
-            np.testing.assert_allclose(getattr(b, field), getattr(a, field), rtol=1e-7, atol=1e-8, err_msg=field)
+        assert a.layers == b.layers and a.reference_layers == b.reference_layers and b.num_examples == 40
+        assert b.minibatch_sizes.tolist() == [8, 8, 8, 8, 8]  # 5 minibatches: the ranks have 3 and 2
+        keys = [k for k in a if isinstance(a.get(k), np.ndarray) and a.get(k).dtype.kind == "f"]
+        assert {"intra", "intra_se", "intra_null", "reference", "reference_null", "mean_attention_distance"} <= set(
+            keys
+        )
+        if step == 2:
+            assert "previous" in keys
+        if step == 6:  # the two runs' previous probes differ: step 4 in one process, step 2 where step 4 failed
+            keys = [k for k in keys if not k.startswith("previous")]
+        for key in keys:
+            np.testing.assert_allclose(b.get(key), a.get(key), rtol=1e-7, atol=1e-8, err_msg=key)

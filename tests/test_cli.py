@@ -1,4 +1,3 @@
-import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -8,10 +7,11 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_cka import CKAResult, compare_models
 from lightning_cka.cli import main
-from lightning_cka.cli.probe_images import input_config, probe_images
+from lightning_cka.probe_data.images import input_config, probe_images
 
 PNG = b"\x89PNG"
 # test_vit made small for speed: 4 x 4 patches of 8 px; local heads lie below half the uniform-attention distance.
@@ -32,18 +32,24 @@ def one_thread():
 def probe():
     torch.manual_seed(0)
     vit, resnet = timm.create_model("test_vit", img_size=32, patch_size=8), timm.create_model("test_resnet")
-    return compare_models(vit, resnet, data=torch.randn(8, 3, 32, 32), batch_size=8)
+    return compare_models(vit, resnet, data=torch.randn(16, 3, 32, 32), batch_size=4)
 
 
-def make_run(root, probe, steps, shift=0.0, scale=1.0, folder="cka"):
+def changed(probe, **fields):
+    """A copy of the probe with some fields replaced."""
+    return CKAResult({**{key: probe.get(key) for key in probe}, **fields})
+
+
+def make_run(root, probe, steps, shift=0.0, scale=1.0, folder="cka", probe_hash=None):
     """A Lightning log directory as CKAMonitor leaves it: cka/step_<step>.npz."""
     for i, step in enumerate(steps):
-        result = dataclasses.replace(
+        result = changed(
             probe,
             step=step,
             epoch=i,
             intra=probe.intra - shift,
             mean_attention_distance=probe.mean_attention_distance * scale * (1 - 0.2 * i),
+            probe_hash=probe_hash or probe.probe_hash,
         )
         result.save(root / folder / f"step_{step:07d}.npz")
     return root
@@ -61,64 +67,127 @@ def run_cli(*args):
     return main([str(a) for a in args])
 
 
+def table_rows(text):
+    return {line.split()[0]: line.split() for line in text.splitlines() if line[:1].isalpha() and "/" in line[:30]}
+
+
 def test_compare_draws_a_png_and_prints_the_table_at_the_last_common_step(runs, tmp_path, capsys):
     small, big = runs
     out = tmp_path / "figs" / "compare.png"
     assert run_cli("compare", small, big, "--out", out) == 0
     assert out.read_bytes()[:4] == PNG
     text = capsys.readouterr().out
-    assert f"A = small/version_0: {small}, step 100, 8 probe images" in text
-    assert f"B = big/version_0: {big}, step 100" in text
-    assert f"local heads: mean distance below {VIT_THRESHOLD}" in text
-    rows = {line.split()[0]: line.split() for line in text.splitlines() if line.startswith("blocks.")}
-    assert rows["blocks.0"][1] == "-0.100"  # A is B minus 0.1 everywhere
-    assert len(rows["blocks.0.attn"]) == 7  # mean, min and local fraction of A and B
-    assert float(rows["blocks.0.attn"][1]) == pytest.approx(0.5 * float(rows["blocks.0.attn"][4]), abs=0.1)
+    assert f"small/version_0: {small} (step 100); 16 probe images" in text
+    rows = table_rows(text)
+    offdiag = rows["cka/offdiag_mean"]
+    assert float(offdiag[-2]) == pytest.approx(-0.1, abs=1e-9)  # A is B minus 0.1 everywhere
+    assert float(offdiag[-1]) < 0.05  # far beyond both runs' jackknife errors
+    distances = {line.split()[0]: line.split() for line in text.splitlines() if line.startswith("blocks.")}
+    assert float(distances["blocks.0.attn"][-1]) < 0  # half the distances
 
 
-def test_compare_at_a_given_step_with_labels(runs, tmp_path, capsys):
-    small, big = runs
-    assert run_cli("compare", small, big, "--step", 0, "--out", tmp_path / "c.png", "--labels", "1%", "100%") == 0
+def test_compare_refuses_different_probes_unless_allowed(runs, probe, tmp_path, capsys):
+    small, _ = runs
+    other = make_run(tmp_path / "other", probe, [0, 100], probe_hash="f" * 40)
+    assert run_cli("compare", small, other, "--out", tmp_path / "c.png") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "probed different images" in err and "--allow-different-probes" in err
+    assert run_cli("compare", small, other, "--out", tmp_path / "c.png", "--allow-different-probes") == 0
+    assert "Caution: the runs probed different images" in capsys.readouterr().out
+
+
+def seeds(root, probe, name, offset, count, noise=0.01):
+    rng = np.random.default_rng(abs(hash(name)) % 2**32)
+    made = []
+    for seed in range(count):
+        intra = probe.intra + offset + noise * rng.standard_normal(probe.intra.shape)
+        made.append(make_run(root / name / f"seed{seed}", changed(probe, intra=intra), [0, 50]))
+    return made
+
+
+def test_compare_groups_of_seeds_reports_mean_and_spread_and_the_welch_p(probe, tmp_path, capsys):
+    group_a = seeds(tmp_path, probe, "small", -0.05, 3)
+    group_b = seeds(tmp_path, probe, "large", 0.0, 3)
+    out = tmp_path / "groups.pdf"
+    assert run_cli("compare", *group_a, "--vs", *group_b, "--out", out, "--labels", "small", "large") == 0
+    assert out.read_bytes()[:4] == b"%PDF"
     text = capsys.readouterr().out
-    assert "A = 1%: " in text and "step 0, 8 probe images" in text
+    row = table_rows(text)["cka/offdiag_mean"]
+    import scipy.stats as st
 
+    from lightning_cka.stats import offdiag_mean
 
-def test_a_npz_file_is_its_probe_whatever_the_step(runs, tmp_path, capsys):
-    small, big = runs
-    assert run_cli("compare", small / "cka" / "step_0000200.npz", big, "--out", tmp_path / "c.png") == 0
-    text = capsys.readouterr().out
-    assert "step 200," in text and f"{big}, step 100" in text
+    a = [offdiag_mean(CKAResult.load(r / "cka" / "step_0000050.npz").intra) for r in group_a]
+    b = [offdiag_mean(CKAResult.load(r / "cka" / "step_0000050.npz").intra) for r in group_b]
+    assert float(row[-2]) == pytest.approx(np.mean(a) - np.mean(b), abs=5e-4)
+    assert float(row[-1]) == pytest.approx(st.ttest_ind(a, b, equal_var=False).pvalue, abs=5e-4)
+    assert "± sd over runs" in text
 
 
 def test_summary_lists_the_probes_and_their_headline_numbers(runs, probe, capsys):
     small, _ = runs
     assert run_cli("summary", small) == 0
-    lines = capsys.readouterr().out.splitlines()
-    text = "\n".join(lines)
-    assert "steps        0, 100, 200" in text and "epochs       0, 1, 2" in text and "examples     8" in text
-    assert "layers       6 (blocks.0, " in text and "reference    4 (layer1.0, " in text and "2 heads" in text
-    assert f"below {VIT_THRESHOLD}" in text
-    rows = [line.split() for line in lines if line.split()[:1] in (["0"], ["100"], ["200"])]
-    assert [row[:2] for row in rows] == [["0", "0"], ["100", "1"], ["200", "2"]]
-    # Step 0 of the small run holds intra - 0.1 and half the distances (make_run); its numbers, computed directly:
-    intra, off_diagonal = probe.intra - 0.1, ~np.eye(len(probe.intra), dtype=bool)
-    expected = [intra[off_diagonal].mean(), np.diagonal(intra, offset=1).mean(), probe.reference.max(axis=1).mean()]
-    first_layer = probe.mean_attention_distance[0] / 2
-    assert np.isfinite(probe.reference).all() and np.isfinite(first_layer).all()
-    assert rows[0][2:6] == [f"{v:.3f}" for v in expected] + [f"{first_layer.mean():.1f}"]
-
-
-def test_summary_reads_the_cka_folder_a_named_monitor_and_the_threshold_fraction(tmp_path, probe, capsys):
-    run = make_run(tmp_path / "run", probe, [5], folder="cka/vit")
-    assert run_cli("summary", run / "cka") == 0
-    assert f"below {VIT_THRESHOLD}" in capsys.readouterr().out
-    assert run_cli("summary", run, "--local-threshold", 0.25) == 0
-    assert "below 4.0 px" in capsys.readouterr().out
-    # Arrays from before the uniform-attention distance was saved have no threshold, and say so.
-    dataclasses.replace(probe, uniform_attention_distance=float("nan")).save(run / "cka" / "vit" / "step_0000005.npz")
-    assert run_cli("summary", run) == 0
     text = capsys.readouterr().out
-    assert "local heads  none (" in text and text.rstrip().endswith("-")  # the local column is blank
+    assert "steps        0, 100, 200" in text and "16 images, 4 minibatches" in text
+    assert "layers       6 (blocks.0, blocks.1, blocks.2, blocks.3, blocks.4, blocks.5)" in text
+    assert f"local heads  mean distance below {VIT_THRESHOLD}" in text
+    lines = [line.split() for line in text.splitlines() if line.strip()[:1].isdigit()]
+    assert [int(line[0]) for line in lines] == [0, 100, 200]
+    from lightning_cka.stats import jackknife_se, offdiag_mean
+
+    value, se = offdiag_mean(probe.intra - 0.1), jackknife_se(offdiag_mean, probe.intra_replicates)
+    step_0 = next(line for line in text.splitlines() if line.split()[:1] == ["0"])
+    assert f"{value:.3f} ± {se:.3f}" in step_0
+    assert "cka/offdiag_mean" in next(line for line in text.splitlines() if line.split()[:2] == ["step", "epoch"])
+
+
+def test_summary_of_a_parent_folder_lists_the_runs_below_it(runs, capsys):
+    small, big = runs
+    assert run_cli("summary", small.parent.parent) == 0
+    text = capsys.readouterr().out
+    assert "holds no probe arrays itself; the runs below it:" in text
+    assert f"{small}  (3 probes)" in text and f"{big}  (2 probes)" in text
+
+
+def test_a_resumed_run_split_over_two_folders_reads_as_one(probe, tmp_path, capsys):
+    first = make_run(tmp_path / "vit" / "version_0", probe, [0, 100])
+    second = make_run(tmp_path / "vit" / "version_1", probe, [200, 300])
+    assert run_cli("summary", first, second) == 0
+    assert "steps        0, 100, 200, 300" in capsys.readouterr().out
+    assert run_cli("compare", f"{first},{second}", second, "--out", tmp_path / "c.png") == 0
+    assert "(step 300)" in capsys.readouterr().out
+
+
+def test_unreadable_probe_files_are_skipped_with_one_warning(probe, tmp_path, capsys):
+    run = make_run(tmp_path / "run", probe, [0, 10])
+    (run / "cka" / "step_0000020.npz").write_bytes(b"")  # a kill left it empty
+    (run / "cka" / "step_0000030.npz").write_bytes(b"PK\x03\x04 cut short")
+    (run / "cka" / ".step_0000040.npz.123.tmp").write_bytes(b"half")  # an interrupted atomic write: not a probe
+    assert run_cli("summary", run) == 0
+    out, err = capsys.readouterr()
+    assert "steps        0, 10" in out
+    assert err.count("\n") == 1 and "step_0000020.npz" in err and "step_0000030.npz" in err and ".tmp" not in err
+
+
+def test_plot_writes_every_figure_of_a_probe_in_print_formats(runs, tmp_path, capsys):
+    small, _ = runs
+    out = tmp_path / "figures"
+    assert run_cli("plot", small, "--step", 100, "--out", out, "--format", "png", "pdf", "svg", "--dpi", 50) == 0
+    names = sorted(p.name for p in out.iterdir())
+    for stem in ("cka_intra", "cka_reference", "cka_intra_change", "attention_mean_distance"):
+        assert {f"{stem}.png", f"{stem}.pdf", f"{stem}.svg"} <= set(names), stem
+    assert (out / "cka_intra.pdf").read_bytes()[:4] == b"%PDF" and "<svg" in (out / "cka_intra.svg").read_text()
+    assert "step 100 of" in capsys.readouterr().out
+
+
+def test_export_writes_the_dashboard_data_of_an_old_run(runs, tmp_path, capsys):
+    small, _ = runs
+    assert run_cli("export", small) == 0
+    acc = EventAccumulator(str(small), size_guidance={"tensors": 0})
+    acc.Reload()
+    assert "cka/intra" in acc.Tags()["tensors"]
+    assert [e.step for e in acc.Tensors("cka/intra")] == [0, 100, 200]
+    assert "tensorboard --logdir" in capsys.readouterr().out
 
 
 def test_analyze_writes_a_run_that_compare_and_summary_read(tmp_path, capsys):
@@ -126,7 +195,7 @@ def test_analyze_writes_a_run_that_compare_and_summary_read(tmp_path, capsys):
     args = ["analyze", "--model", "test_vit", "--model-kwargs", SMALL_VIT, "--reference", "test_resnet"]
     args += ["--data", "random", "--out", out]
     assert run_cli(*args, "--num-examples", 12, "--batch-size", 6) == 0
-    for name in ("cka_intra.png", "cka_reference.png", "cka_reference_intra.png", "attention_distance.png"):
+    for name in ("cka_intra.png", "cka_reference.png", "cka_reference_intra.png", "attention_mean_distance.png"):
         assert (out / name).read_bytes()[:4] == PNG
     result = CKAResult.load(out / "cka" / "analysis.npz")
     assert result.intra.shape == (6, 6) and result.reference.shape == (6, 4) and result.num_examples == 12
@@ -144,9 +213,10 @@ def test_analyze_on_a_npz_of_uint8_images(tmp_path):
     args = ["analyze", "--model", "test_resnet", "--reference", "test_vit", "--reference-kwargs", SMALL_VIT]
     assert run_cli(*args, "--data", tmp_path / "cifar.npz", "--image-size", 32, "--out", out) == 0
     result = CKAResult.load(out / "cka" / "analysis.npz")
-    assert result.num_examples == 10 and result.intra.shape == (4, 4) and result.mean_attention_distance.size == 0
+    assert result.num_examples == 10 and result.intra.shape == (4, 4) and result.mean_attention_distance is None
     assert result.reference_mean_attention_distance.shape == (6, 2)
-    assert (out / "attention_distance_reference.png").exists() and not (out / "attention_distance.png").exists()
+    assert (out / "attention_reference_mean_distance.png").exists()
+    assert not (out / "attention_mean_distance.png").exists()
 
 
 def test_analyze_on_an_image_folder_uses_its_val_split(tmp_path):
@@ -181,7 +251,7 @@ def test_analyze_a_lightning_checkpoint_on_digits(tmp_path, capsys):
         == 0
     )
     result = CKAResult.load(out / "cka" / "analysis.npz")
-    assert result.num_examples == 12 and result.reference.size == 0 and not (out / "cka_reference.png").exists()
+    assert result.num_examples == 12 and result.reference is None and not (out / "cka_reference.png").exists()
     assert "12 of the 1797 images of scikit-learn digits" in capsys.readouterr().out
 
 
@@ -204,7 +274,7 @@ def test_input_size_is_the_vit_s_own_and_normalization_can_be_overridden():
 
 def test_help_of_every_command(capsys):
     assert run_cli("--help") == 0
-    for command in ("compare", "analyze", "summary"):
+    for command in ("compare", "analyze", "summary", "plot", "export"):
         assert run_cli(command, "--help") == 0
     assert "--reference-layers" in capsys.readouterr().out
     assert run_cli() == 2  # a command is required
@@ -220,7 +290,7 @@ def bad_inputs(tmp_path_factory, probe):
     np.savez(root / "floats.npz", x=np.zeros((4, 8, 8, 3), dtype=np.float32))
     np.savez(root / "three.npz", images=np.zeros((3, 8, 8, 3), dtype=np.uint8))
     make_run(root / "analyzed", probe, [-1])
-    renamed = dataclasses.replace(probe, layers=[f"stage.{i}" for i in range(6)], step=100)
+    renamed = changed(probe, layers=[f"stage.{i}" for i in range(6)], step=100)
     renamed.save(root / "renamed" / "cka" / "step_0000100.npz")
     make_run(root / "two", probe, [0], folder="cka/first")
     make_run(root / "two", probe, [0], folder="cka/second")
@@ -231,10 +301,14 @@ ERRORS = {
     "missing": (["summary", "{root}/nowhere"], "nowhere does not exist"),
     "no arrays": (["summary", "{root}/empty"], "holds no probe arrays"),
     "not npz": (["summary", "{root}/notes.txt"], "is not a .npz file"),
-    "not probe arrays": (["summary", "{root}/other.npz"], "cannot read"),
+    "not probe arrays": (["summary", "{root}/other.npz"], "holds no readable probe files"),
     "two monitors": (["summary", "{root}/two"], "several named monitors (first, second)"),
     "fraction": (["summary", "{small}", "--local-threshold", "2"], "--local-threshold is a fraction in (0, 1], got 2"),
     "step missing": (["compare", "{small}", "{big}", "--step", "200", "--out", "{root}/c.png"], "step 200 is not in"),
+    "one run": (["compare", "{small}", "--out", "{root}/c.png"], "give two runs (A B), or side B after --vs"),
+    "plot step": (["plot", "{small}", "--step", "7", "--out", "{root}/p"], "step 7 is not in"),
+    "plot dpi": (["plot", "{small}", "--dpi", "1", "--out", "{root}/p"], "--dpi must be at least 10"),
+    "no saved probe": (["analyze", "--model", "test_vit", "--out", "{root}/o"], "no --data given"),
     "no common step": (["compare", "{small}", "{root}/analyzed", "--out", "{root}/c.png"], "no step in common"),
     "layers": (["compare", "{small}", "{root}/renamed", "--out", "{root}/c.png"], "monitor different layers"),
     "format": (["compare", "{small}", "{big}", "--out", "{root}/c.unknown"], "cannot write --out"),
@@ -248,7 +322,6 @@ ERRORS = {
     ),
     "tiny npz": (["analyze", "--model", "test_vit", "--data", "{root}/three.npz", "--out", "{root}/o"], "at least 4"),
     "batch": (["analyze", "--model", "test_vit", "--data", "random", "--batch-size", "2", "--out", "{root}/o"], "4"),
-    "size": (["analyze", "--model", "test_vit", "--data", "random", "--image-size", "64", "--out", "{root}/o"], "fail"),
     "out": (["analyze", "--model", "test_resnet", "--data", "random", "--out", "{root}/notes.txt"], "cannot write"),
     "kwargs": (
         [

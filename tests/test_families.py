@@ -66,8 +66,9 @@ def test_swin_mean_reduction_averages_over_positions_of_channels_last_maps():
     model = timm.create_model("swin_tiny_patch4_window7_224", img_size=64, num_classes=4)
     names = find_layers(model)[:3]
     inputs = torch.randn(16, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    result = compare_models(model, data=inputs, layers_a=names, batch_size=8, reduction="mean", attention=False,
-                            permutations=0)
+    result = compare_models(
+        model, data=inputs, layers_a=names, batch_size=8, reduction="mean", attention=False, permutations=0
+    )
     outputs = block_outputs(model, names, inputs, lambda o: o.mean(dim=(1, 2)))  # (B, H, W, C) -> (B, C)
     np.testing.assert_allclose(result.intra, ref.minibatch_cka(outputs, outputs), rtol=1e-4, atol=1e-6)
 

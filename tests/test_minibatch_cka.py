@@ -126,10 +126,12 @@ def test_declared_sizes_allocate_states_up_front():
 def leave_one_out_reference(data_a, data_b, weights=None):
     """Jackknife by a plain loop: the reference minibatch CKA with each minibatch dropped in turn."""
     m = len(data_a)
-    replicates = np.stack([
-        ref.minibatch_cka([d for j, d in enumerate(data_a) if j != i], [d for j, d in enumerate(data_b) if j != i])
-        for i in range(m)
-    ])
+    replicates = np.stack(
+        [
+            ref.minibatch_cka([d for j, d in enumerate(data_a) if j != i], [d for j, d in enumerate(data_b) if j != i])
+            for i in range(m)
+        ]
+    )
     se = np.sqrt((m - 1) / m * ((replicates - replicates.mean(axis=0)) ** 2).sum(axis=0))
     return replicates, se
 
@@ -193,8 +195,13 @@ def test_null_threshold_is_calibrated_for_independent_layers():
     g = torch.Generator().manual_seed(3)
     exceed, cells = 0, 0
     for _ in range(40):
-        metric = MinibatchCKA(num_layers_a=4, num_layers_b=4, num_minibatches=3, permutations=19,
-                              seed=int(torch.randint(0, 10**6, (1,), generator=g)))
+        metric = MinibatchCKA(
+            num_layers_a=4,
+            num_layers_b=4,
+            num_minibatches=3,
+            permutations=19,
+            seed=int(torch.randint(0, 10**6, (1,), generator=g)),
+        )
         for i in range(3):
             xs = [torch.randn(16, 5, generator=g, dtype=torch.float64) for _ in range(4)]
             ys = [torch.randn(16, 5, generator=g, dtype=torch.float64) for _ in range(4)]

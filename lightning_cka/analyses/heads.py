@@ -317,7 +317,8 @@ def _head_dim(modules: Mapping[str, nn.Module], site: AttentionSite) -> int:
     attention = modules[site.name]
     proj = modules.get(f"{site.name}.proj")
     head_dim = getattr(attention, "head_dim", None)
-    if not isinstance(proj, nn.Linear) or not isinstance(head_dim, int) or proj.in_features != site.num_heads * head_dim:
+    width = site.num_heads * head_dim if isinstance(head_dim, int) else None
+    if not isinstance(proj, nn.Linear) or proj.in_features != width:
         raise ValueError(
             f"attention module '{site.name}' has no nn.Linear 'proj' taking its {site.num_heads} heads x "
             f"{head_dim} channels, so its heads cannot be read. Pass heads=False."

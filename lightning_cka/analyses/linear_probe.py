@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from torchmetrics import Metric
+from torchmetrics.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_cka.engine.analysis import Analysis, Field, Minibatch, View
@@ -285,7 +286,7 @@ class LinearProbe(Analysis):
         value: ProbeFeatures = batch.values["model"][self._tap.key]
         device = value.gap[0].device
         labels = self._labels(batch, device)
-        fit = (batch.start + torch.arange(batch.size, device=device)) % 2 == 0
+        fit = torch.arange(batch.size, device=device) % 2 == 0
         self._grow(int(labels.max()) + 1 if labels.numel() else 0, device)
         fit_labels, score_labels = labels[fit], labels[~fit]
         onehot = F.one_hot(fit_labels, self._classes).to(torch.float64)  # a product, not index_add: deterministic
@@ -420,6 +421,14 @@ class LinearProbe(Analysis):
         with np.errstate(invalid="ignore", divide="ignore"):
             accuracy = reduced["correct"].numpy() / scored if scored else np.full(reduced["correct"].shape, np.nan)
         chance = float(score_counts[int(np.argmax(fit_counts))] / scored) if scored and fit_counts.sum() else np.nan
+        unseen = int(score_counts[fit_counts == 0].sum())
+        if unseen:
+            rank_zero_warn(
+                f"lightning-cka: linear_probe: {unseen} of the {int(scored)} scored probe images belong to classes no "
+                "fitted image has, so the probe can never predict them. The fit half is the even probe indices: a "
+                "probe ordered by class (or alternating with it) needs shuffling; a random draw, as CKAMonitor makes, "
+                "is fine."
+            )
         return {
             "linear_probe_accuracy": accuracy,
             "linear_probe_chance": float(chance),
@@ -457,9 +466,9 @@ class LinearProbe(Analysis):
         caption = (
             f"How well a ridge regression on each layer's features predicts the class: fitted on {fit_n} probe images, "
             f"scored on the other {scored_n} (band: ±1 binomial standard error; dashed: always predicting the most "
-            f"frequent class).{no_cls} Raghu et al. 2021: in a CLS-trained ViT single-token (CLS) probes decode the "
-            "class poorly except near the top, and GAP of the tokens does better; ResNets and GAP-trained ViTs decode "
-            "it well from the high layers."
+            f"frequent class).{no_cls} Raghu et al. 2021 (Figs. 12-13): in a CLS-trained ViT, single tokens decode the "
+            "class poorly at the high layers, where the CLS token carries it; a GAP-trained ViT's tokens and a "
+            "ResNet's pooled features decode it well at the high layers."
         )
         title = "Linear probe accuracy per layer"
         return [Figure("linear_probe/accuracy", title, (panel,), caption, view.subtitle(result))]

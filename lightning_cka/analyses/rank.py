@@ -37,6 +37,8 @@ def effective_rank(grams: Sequence[Tensor] | Tensor) -> Tensor:
     eigenvalues ``λₖ``; eigenvalues below ``n · eps · λ_max`` (``eps`` of the Gram's dtype, the tolerance of
     ``torch.linalg.matrix_rank``) are rounding noise of the Gram and count as zero, so features of rank ``r`` give at
     most ``r``. Since the features are centered, the value is at most ``n - 1`` (and at most the number of features).
+    A Gram squares the singular values, so directions weaker than ``sqrt(n · eps)`` times the strongest (about 1e-3
+    for float32 Grams, 1e-7 for float64) are below its resolution and left out; they would add almost nothing.
 
     Args:
         grams: ``L`` centered ``(n, n)`` Gram matrices (a sequence or an ``(L, n, n)`` tensor).
@@ -150,8 +152,10 @@ class EffectiveRank(Analysis):
     def finalize(self, reduced: Any) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for role, sums in reduced.items():
-            ranks, counts = sums["ranks"].cpu().numpy(), sums["counts"].cpu().numpy()
-            sizes = sums["sizes"].cpu().numpy()
+            # torchmetrics squeezes one-element states in compute(): restore the declared shapes.
+            shape = (-1, len(self._models[role].layers))
+            ranks, counts = sums["ranks"].cpu().numpy().reshape(shape), sums["counts"].cpu().numpy().reshape(shape)
+            sizes = sums["sizes"].cpu().numpy().reshape(-1)
             seen = sizes > 0
             per_minibatch = np.where(counts > 0, ranks, np.nan)[seen]  # (M, L)
             total = counts[seen].sum(axis=0)

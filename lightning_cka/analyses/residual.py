@@ -37,7 +37,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from torchmetrics.utilities import rank_zero_warn
@@ -51,7 +50,7 @@ from lightning_cka.result import CKAResult
 from lightning_cka.taps.base import Tap, first_tensor, owners
 
 Side = Literal["in", "out"]
-_NO_SKIP = "no skip connection (has_skip is False: stride or width changes), not a residual block"
+_NO_SKIP = "no skip connection (has_skip is False), not a residual block"
 _SUMS = ("ratio_sum", "defined", "images")
 
 
@@ -202,30 +201,23 @@ def residual_sites(model: ProbedModel) -> tuple[list[ResidualSite], dict[str, st
     return sites, skipped
 
 
-def token_capacity(model: ProbedModel, sites: list[ResidualSite]) -> int | None:
-    """The most tokens any site's tensors can have, from the model's geometry; ``None`` when only data can tell.
+def token_capacity(model: ProbedModel, sites: list[ResidualSite]) -> int:
+    """The most tokens any site's tensors have at the model's construction size (the states' first token axis).
 
     Conv maps are averaged to one token. Token models take ``prefix + grid`` from the innermost owner with a
-    fixed-size ``patch_embed`` (PiT's pooled stages have fewer). Dynamic-size models (``dynamic_img_size``, or a
-    ``patch_embed`` that accepts any size) give ``None``.
+    ``patch_embed`` (PiT's pooled stages have fewer). Dynamic-size models run at a larger size bring more tokens: the
+    states then widen at the first minibatch (on every rank that has one; under DDP a rank without one keeps the
+    construction size, and the probe's reduction fails on every rank alike, never hangs) and stay wide afterwards.
     """
     capacity = 1
     for site in sites:
         if site.maps:
             continue
-        tokens = None
         for owner in owners(model.modules, site.name):
-            embed = getattr(owner, "patch_embed", None)
-            grid = getattr(embed, "grid_size", None)
-            if grid is None:
-                continue
-            if getattr(owner, "dynamic_img_size", False) or getattr(embed, "strict_img_size", True) is False:
-                return None
-            tokens = site.num_prefix_tokens + int(grid[0]) * int(grid[1])
-            break
-        if tokens is None:
-            return None
-        capacity = max(capacity, tokens)
+            grid = getattr(getattr(owner, "patch_embed", None), "grid_size", None)
+            if grid is not None:
+                capacity = max(capacity, site.num_prefix_tokens + int(grid[0]) * int(grid[1]))
+                break
     return capacity
 
 
@@ -344,8 +336,8 @@ class ResidualRatio(Analysis):
             per_model=True,
         ),
         Field("residual_ratio_cls", "array", "(B, K) the ratio of the class token (NaN without one)", per_model=True),
-        Field("residual_ratio_patch", "array", "(B, K) mean of the ratio over patch tokens / positions", per_model=True),
-        Field("residual_prefix_tokens", "ints", "(B,) leading non-patch tokens of each block's tokens", per_model=True),
+        Field("residual_ratio_patch", "array", "(B, K) its mean over patch tokens / positions", per_model=True),
+        Field("residual_prefix_tokens", "ints", "(B,) leading non-patch tokens of each block", per_model=True),
         Field("residual_skipped", "names", "monitored layers left out, with the reason", per_model=True),
     )
 
@@ -395,17 +387,8 @@ class ResidualRatio(Analysis):
     @override
     def start(self, num_minibatches: int, device: torch.device) -> None:
         self._device = device
-        self._sums: dict[str, TensorSums | None] = {}
-        for role in self._taps:
-            capacity = self._capacity[role]
-            if capacity is None and dist.is_available() and dist.is_initialized():
-                if dist.get_world_size() > num_minibatches:
-                    raise ValueError(
-                        f"residual ratios of this dynamic-size {role} learn its token count from the first probe, "
-                        f"which needs a probe minibatch on every rank: {num_minibatches} minibatches for "
-                        f"{dist.get_world_size()} ranks. Use a larger probe_size or a smaller batch_size."
-                    )
-            self._sums[role] = None if capacity is None else self._new_sums(role, capacity, device)
+        # Created here, not at the first minibatch, so that a rank without minibatches takes part in the reduction.
+        self._sums = {role: self._new_sums(role, self._capacity[role], device) for role in self._taps}
 
     @override
     def update(self, batch: Minibatch) -> None:
@@ -413,13 +396,12 @@ class ResidualRatio(Analysis):
             rows = batch.values[role][tap.key]
             tokens = max((entry[0].shape[0] for row in rows for entry in row if entry is not None), default=1)
             sums = self._sums[role]
-            if sums is None or tokens > sums.ratio_sum.shape[-1]:
+            if tokens > sums.ratio_sum.shape[-1]:
                 # More tokens than the geometry said (a dynamic-size model): widen the sums, keeping what they hold.
                 wider = self._new_sums(role, tokens, self._device)
-                if sums is not None:
-                    held = sums.ratio_sum.shape[-1]
-                    for name in _SUMS:
-                        getattr(wider, name)[..., :held] = getattr(sums, name)
+                held = sums.ratio_sum.shape[-1]
+                for name in _SUMS:
+                    getattr(wider, name)[..., :held] = getattr(sums, name)
                 self._sums[role] = sums = wider
                 self._capacity[role] = tokens
             index = self._branch_index(role)
@@ -438,7 +420,7 @@ class ResidualRatio(Analysis):
 
     @override
     def reduce(self) -> Any:
-        return {role: (sums.compute() if sums is not None else None) for role, sums in self._sums.items()}
+        return {role: sums.compute() for role, sums in self._sums.items()}
 
     @override
     def finalize(self, reduced: Any) -> dict[str, Any]:
@@ -449,9 +431,8 @@ class ResidualRatio(Analysis):
             skipped = [f"{name}: {why}" for name, why in self._skipped[role].items()]
             if skipped:
                 out[f"{prefix}residual_skipped"] = skipped
-            if sums is None:  # no minibatch reached this rank
-                continue
-            total, count, seen = (sums[name].cpu().numpy() for name in _SUMS)
+            shape = (len(sites), len(self._branch_names[role]), -1)  # compute() squeezes one-element sums to 0-dim
+            total, count, seen = (sums[name].cpu().numpy().reshape(shape) for name in _SUMS)
             with np.errstate(invalid="ignore", divide="ignore"):
                 ratio = np.where(count > 0, total / np.where(count > 0, count, 1.0), np.nan)
             ratio[seen == 0] = np.nan

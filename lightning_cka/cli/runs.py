@@ -4,7 +4,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lightning_cka.cli.errors import CLIError
+from lightning_cka.cli.errors import CLIError, NoProbesHere
 from lightning_cka.cli.text import few
 from lightning_cka.result import CKAResult
 
@@ -75,10 +75,10 @@ def read_run(spec: str | Path) -> Run:
                 run.skipped.append(f"{file} ({err})")
                 continue
             run.probes[result.step] = result
+    if not run.probes:
+        raise CLIError(f"{spec} holds no readable probe files ({'; '.join(run.skipped)}).")
     if run.skipped:
         print(f"lightning-cka: warning: skipped unreadable probe files: {'; '.join(run.skipped)}", file=sys.stderr)
-    if not run.probes:
-        raise CLIError(f"{spec} holds no readable probe files (skipped: {'; '.join(run.skipped)}).")
     return run
 
 
@@ -105,7 +105,7 @@ def probe_files(path: Path) -> tuple[list[Path], Path]:
     if below:
         listing = ", ".join(f"{run} ({count} probes)" for run, count in below[:8])
         more = f" and {len(below) - 8} more" if len(below) > 8 else ""
-        raise CLIError(f"{path} holds no probe arrays itself; the runs below it are: {listing}{more}.")
+        raise NoProbesHere(f"{path} holds no probe arrays itself; the runs below it are: {listing}{more}.", below)
     raise CLIError(f"{path} holds no probe arrays (CKAMonitor writes them as <log dir>/cka/step_<step>.npz).")
 
 

@@ -1,7 +1,6 @@
 """``lightning-cka summary RUN``: what a run probed, and one row of headline numbers per probe."""
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from lightning_cka.cli.options import RUN_HELP, add_local_threshold, sentence
@@ -22,20 +21,15 @@ def add_command(commands: Any) -> None:
 
 
 def _main(args: argparse.Namespace) -> None:
-    from lightning_cka.cli.errors import CLIError
-    from lightning_cka.cli.runs import read_run, runs_below
+    from lightning_cka.cli.errors import NoProbesHere
+    from lightning_cka.cli.runs import read_run
 
-    spec = ",".join(args.run)
-    if len(args.run) == 1 and Path(spec).is_dir():
-        below = runs_below(Path(spec))
-        if below and not any(run.resolve() == Path(spec).resolve() for run, _ in below):
-            print(f"{spec} holds no probe arrays itself; the runs below it:")
-            print("\n".join(f"  {run}  ({count} probe{'s' * (count > 1)})" for run, count in below))
-            return
     try:
-        run = read_run(spec)
-    except CLIError:
-        raise
+        run = read_run(",".join(args.run))
+    except NoProbesHere as parent:
+        print(f"{','.join(args.run)} holds no probe arrays itself; the runs below it:")
+        print("\n".join(f"  {folder}  ({count} probe{'s' * (count > 1)})" for folder, count in parent.below))
+        return
     print("\n".join(summary_lines(run, args.local_threshold)))
 
 

@@ -98,7 +98,7 @@ def history(figure: FigureStack, panel: int, args: dict[str, str]) -> dict[str, 
     if stack_.kind == "heatmap":
         values = stack_.fields["values"]
         row, col = _index(args, "row", values.shape[1]), _index(args, "col", values.shape[2])
-        out["label"] = f"{p['rows'][row]} × {p['cols'][col]}"  # noqa: RUF001 (the multiplication sign)
+        out["label"] = f"{p['rows'][row]} × {p['cols'][col]}"
         out["y_label"] = p.get("colorbar") or "value"
         error = stack_.fields.get("error")
         out["series"] = [
