@@ -8,8 +8,10 @@ The model is probed with a frozen ResNet-18 reference (``--reference ''`` for no
 ``first`` (a fresh engine: the reference runs and its taps are cached) and ``later`` (the same engine again: the
 reference comes from its cache, as at every probe after the first during training). Random weights and images (the
 cost does not depend on them); default options (19 permutations of the null). The workloads run interleaved,
-``--repeats`` times each after one warm-up; the table gives medians and the ratios to the bare forward pass of the
-model (``torch.no_grad``, eval). A quick timing, not a test.
+``--repeats`` times each after one warm-up; the table gives the median wall time and the median CPU time of this
+process (on a shared CPU machine other work stretches the wall time but not this process's CPU time, which with
+``--threads 1`` is the steadier estimate), each with its ratio to the bare forward pass of the model
+(``torch.no_grad``, eval). A quick timing, not a test.
 """
 
 import argparse
@@ -68,12 +70,12 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def timed(fn: Callable[[], None]) -> float:
+    def timed(fn: Callable[[], None]) -> tuple[float, float]:
         sync()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         fn()
         sync()
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu
 
     def forward(with_reference: bool) -> None:
         with torch.no_grad():
@@ -96,24 +98,30 @@ def main() -> None:
         workloads[f"{name}, later"] = lambda name=name: probe(later[name])
     for fn in workloads.values():  # warm-up (also fills the later engines' reference caches)
         fn()
-    times: dict[str, list[float]] = {name: [] for name in workloads}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in workloads}
     for _ in range(args.repeats):
         for name, fn in workloads.items():
             times[name].append(timed(fn))
-    base = statistics.median(times["forward (model)"])
     print(
         f"{args.model} at {args.img_size} px, reference {args.reference or 'none'}, {args.images} images, batch "
-        f"{args.batch}, {args.device}, {torch.get_num_threads()} thread(s); median of {args.repeats}"
+        f"{args.batch}, {args.device}, {torch.get_num_threads()} thread(s); {args.repeats} repeats"
     )
-    print(f"{'workload':40s} {'median s':>9s} {'x forward':>10s}")
-    for name, values in times.items():
-        median = statistics.median(values)
-        print(f"{name:40s} {median:9.3f} {median / base:10.2f}")
+    print("| workload | wall s | x forward | CPU s | x forward |\n| --- | --- | --- | --- | --- |")
+    wall = {name: statistics.median(t for t, _ in values) for name, values in times.items()}
+    cpu = {name: statistics.median(c for _, c in values) for name, values in times.items()}
+    for name in times:
+        base_wall, base_cpu = wall["forward (model)"], cpu["forward (model)"]
+        print(
+            f"| {name} | {wall[name]:.3f} | {wall[name] / base_wall:.2f} | {cpu[name]:.3f} | "
+            f"{cpu[name] / base_cpu:.2f} |"
+        )
     for kind in ("first", "later"):
-        cka = statistics.median(times[f"LayerCKA, {kind}"])
         for extra in ("ResidualRatio", "Localization"):
-            with_it = statistics.median(times[f"LayerCKA + {extra}, {kind}"])
-            print(f"{kind:5s} probe: + {extra:13s} {with_it - cka:+.3f} s ({with_it / cka:.2f}x LayerCKA alone)")
+            name, cka = f"LayerCKA + {extra}, {kind}", f"LayerCKA, {kind}"
+            print(
+                f"{kind} probe, + {extra}: wall {wall[name] - wall[cka]:+.3f} s ({wall[name] / wall[cka]:.2f}x "
+                f"LayerCKA alone), CPU {cpu[name] - cpu[cka]:+.3f} s ({cpu[name] / cpu[cka]:.2f}x)"
+            )
 
 
 if __name__ == "__main__":

@@ -10,10 +10,12 @@ Every flag is described in docs/examples.md.
 import argparse
 import ast
 import json
+import logging
 import os
 import time
 import warnings
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +24,13 @@ import timm
 import torch
 from classifier import PRESETS, ImageClassifier, timm_spec
 from image_data import DATASETS, cifar10_splits, digits_splits, imagefolder_splits, subsample
-from lightning_cka.taps.recorder import REDUCTIONS
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_cka import CKAMonitor
+from lightning_cka.reference import describe_reference
+from lightning_cka.taps.grams import REDUCTIONS
 
 DEFAULT_MODEL, DEFAULT_STEPS = "vit_mini_patch4", 300
 
@@ -81,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument(
         "--model-kwargs", nargs="+", default=[], metavar="KEY=VALUE", help="more timm.create_model kwargs"
     )
+    data.add_argument(
+        "--global-pool",
+        choices=("token", "avg"),
+        help="ViTs: classify from the CLS token or the average of the patch tokens (Raghu et al. 2021 compare both)",
+    )
     data.add_argument("--dataset", choices=DATASETS, default="digits", help="training data (default: digits)")
     data.add_argument("--data-dir", type=Path, help="dataset folder, for cifar10 and imagefolder")
     size = data.add_mutually_exclusive_group()
@@ -119,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--cka-batch-size", type=positive_int, default=128, help="minibatch of the CKA estimator (default: 128)"
     )
     cka.add_argument("--layers", action="append", help="layer names or patterns, repeatable or comma-separated")
+    cka.add_argument(
+        "--linear-probe", action="store_true", help="also fit ridge probes of the class at every layer (CKAMonitor)"
+    )
+    cka.add_argument(
+        "--localization", action="store_true", help="also measure spatial localization of the last layer (costly)"
+    )
     cka.add_argument(
         "--reduction", choices=REDUCTIONS, default="mean", help="what a layer output becomes (default: mean)"
     )
@@ -164,6 +178,8 @@ def make_monitor(args: argparse.Namespace, num_classes: int) -> CKAMonitor | Non
         reference_weights=args.reference_weights,
         reference_kwargs=reference_kwargs,
         reference_reduction=args.reference_reduction,
+        linear_probe=args.linear_probe,
+        localization=args.localization,
     )
 
 
@@ -224,6 +240,46 @@ def make_trainer(args: argparse.Namespace, monitor: CKAMonitor | None) -> pl.Tra
     )
 
 
+def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The timm kwargs the flags add to the preset's: ``--model-kwargs``, and ``--global-pool`` for ViTs."""
+    extra = dict(args.model_kwargs)
+    if args.global_pool is not None:  # the paper's CLS-token ViT against its global-average-pooling ViT
+        extra |= {"global_pool": args.global_pool, "class_token": args.global_pool == "token"}
+    return extra
+
+
+def plan(args: argparse.Namespace, trainer: pl.Trainer, monitor: CKAMonitor | None, train_size: int) -> str:
+    """One line saying what this run will do, printed before anything slow starts."""
+    steps = args.max_steps or (f"{args.max_epochs} epochs" if args.max_epochs else DEFAULT_STEPS)
+    parts = [f"plan: {args.model} on {args.dataset} ({train_size} training images), {steps} steps"]
+    if monitor is None:
+        parts.append("no CKA monitor")
+    else:
+        probes = f"~{1 + int(steps) // args.cka_every}" if isinstance(steps, int) else "several"
+        reference = "no reference"
+        if monitor.reference is not None:
+            label = describe_reference(monitor.reference, monitor.reference_weights, False)[0]
+            reference = f"reference {label}"
+        parts.append(f"a probe of {args.probe_size} images every {args.cka_every} steps ({probes} probes), {reference}")
+    parts.append(f"logs in {trainer.logger.log_dir}")
+    return "; ".join(parts)
+
+
+@contextmanager
+def quiet_lightning_tips() -> Any:
+    """Hide Lightning's advertisement for its cloud logger (printed at every fit) while training."""
+    logger = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+
+    def not_an_advert(record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+    logger.addFilter(not_an_advert)
+    try:
+        yield
+    finally:
+        logger.removeFilter(not_an_advert)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Train, test, print a summary and return it.
 
@@ -251,14 +307,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             dataset, args.batch_size, shuffle, num_workers=workers, persistent_workers=workers > 0, generator=generator
         )
 
-    timm_name, timm_kwargs = timm_spec(args.model, num_classes, args.model_kwargs)
+    timm_name, timm_kwargs = timm_spec(args.model, num_classes, model_kwargs(args))
     module = ImageClassifier(timm_name, timm_kwargs, args.lr, args.weight_decay, args.warmup_fraction)
-    trainer = make_trainer(args, make_monitor(args, num_classes))
-    with warnings.catch_warnings():
+    monitor = make_monitor(args, num_classes)
+    trainer = make_trainer(args, monitor)
+    if trainer.is_global_zero:
+        print(plan(args, trainer, monitor, len(train_set)), flush=True)
+    with warnings.catch_warnings(), quiet_lightning_tips():
         # In-memory digits need no loader workers, and Lightning logs every 10 global steps however short the epochs
-        # of a small training set are; its suggestions otherwise would be noise.
+        # of a small training set are; its suggestions otherwise would be noise, as are upstream deprecation notices
+        # printed into the progress bar on every run.
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
+        warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\).*", FutureWarning)
         start = time.perf_counter()
         trainer.fit(module, loader(train_set, True), loader(val_set, False))
         fit_seconds = time.perf_counter() - start
@@ -285,7 +346,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             f"{summary['fit_seconds']:.1f} s ({summary['steps_per_second']:.2f} steps/s), "
             f"test accuracy {summary['test_accuracy']:.3f}"
         )
-        print(f"tensorboard --logdir {summary['log_dir']}")
+        # The log root, not the version folder: TensorBoard then names the run "<name>/version_N", not ".".
+        print(
+            f"tensorboard --logdir {args.out}    # then open the CKA tab; run {summary['run']}/version_"
+            f"{trainer.logger.version}"
+        )
         if args.summary_json:
             args.summary_json.parent.mkdir(parents=True, exist_ok=True)
             args.summary_json.write_text(json.dumps(summary, indent=2) + "\n")

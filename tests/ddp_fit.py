@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -27,6 +28,7 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    torch.set_num_threads(1)  # the same float32 summation order in every process, so both runs compare exactly
     pl.seed_everything(0, workers=True)
     reference = make_model("test_resnet")
     monitor = FailsOnRank1(every_n_train_steps=2, probe_size=40, batch_size=8, reference=reference)

@@ -21,7 +21,16 @@ from lightning_cka.figures.render import draw_figure
 from lightning_cka.figures.spec import Scatter, from_json, to_json
 from lightning_cka.result import CKAResult
 
-BATCH, MINIBATCHES = 8, 4
+BATCH, MINIBATCHES = 8, 3
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Small tensors: one thread is as fast, and much faster on a machine whose cores are busy with other work.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def make(name, **kwargs):
@@ -317,7 +326,7 @@ def test_figure_and_scalars_from_a_real_probe(models, registered):
     for i, series in enumerate(panel.series):
         assert series.label == f"blocks.{i}.attn"
         np.testing.assert_allclose(series.values, np.stack([distance[i], lower[i]], axis=1))
-    assert "layer1.0" in figure.caption and "0.6" in figure.caption
+    assert "layer1.0" in panel.title and "0.6" in figure.caption and "Spearman" in figure.caption
     scalars = HeadCKA.scalars(result, View())
     expected = spearmanr(distance.ravel(), lower.ravel()).statistic
     assert scalars["heads/distance_cka_spearman"] == pytest.approx(expected, abs=1e-12)
@@ -356,3 +365,26 @@ def test_nan_and_missing_values_do_not_crash(registered):
     assert "not defined" in figure.caption  # one finite head: no rank correlation
     draw_figure(figure)
     assert HeadCKA.scalars(CKAResult(), View()) == {} and HeadCKA.figures(CKAResult(), None, View()) == []
+
+
+def test_many_layers_name_the_ramp_ends_and_the_local_line_stays_on_the_axis(registered):
+    rng = np.random.default_rng(1)
+    layers = [f"blocks.{i}.attn" for i in range(12)]
+    distances = rng.uniform(10.0, 30.0, size=(12, 3))
+    result = CKAResult(
+        head_reference=rng.uniform(size=(12, 3, 6)),
+        head_layers=layers,
+        reference_layers=list("abcdef"),
+        attention_layers=layers,
+        mean_attention_distance=distances,
+        uniform_attention_distance=40.0,
+    )
+    (figure,) = HeadCKA.figures(result, None, View(local_threshold=0.5))  # threshold 20 px, inside 10..30
+    (panel,) = figure.panels
+    assert [s.label for s in panel.series] == ["blocks.0.attn", *[""] * 10, "blocks.11.attn"]
+    assert figure.meta["series_layers"] == layers
+    assert [(line.value, line.axis) for line in panel.lines] == [(20.0, "x")]
+    assert "a and b" in panel.title  # 6 reference layers: the first third is two
+    (figure,) = HeadCKA.figures(result, None, View(local_threshold=0.1))  # 4 px: left of every head
+    assert figure.panels[0].lines == () and "Every head is above the local threshold (4.0 px)" in figure.caption
+    draw_figure(figure)

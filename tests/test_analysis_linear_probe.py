@@ -129,7 +129,8 @@ def check_against_reference(model, x, y, fields, names, prefix, has_cls, batch):
                 assert np.isnan(accuracy[layer, kind]) and np.isnan(ridge[layer, kind])
                 continue
             lambdas, curve = gcv_naive(feats[fit], y_np[fit], classes)
-            np.testing.assert_allclose(ridge[layer, kind], lambdas[np.argmin(curve)], rtol=1e-9)
+            # The same grid point (neighbours are 10^0.25 apart); s_max differs by the float32 rounding of the means.
+            np.testing.assert_allclose(ridge[layer, kind], lambdas[np.argmin(curve)], rtol=1e-5)
             expected = ridge_accuracy(feats[fit], y_np[fit], feats[held], y_np[held], ridge[layer, kind], classes)
             assert accuracy[layer, kind] == expected, (names[layer], kind)
     majority = np.bincount(y_np[fit], minlength=classes).argmax()
@@ -177,7 +178,8 @@ def test_register_vit_without_class_token_pools_patch_tokens_only():
         got = taps.collect()[tap.key]
     for layer, out in enumerate(manual_outputs(model, layers, x[:10], 10)):
         assert got.cls[layer] is None
-        np.testing.assert_allclose(got.gap[layer].numpy(), out[:, 1:].mean(axis=1), rtol=1e-12, atol=1e-12)
+        # means in float32 (the output's precision), as documented
+        np.testing.assert_allclose(got.gap[layer].numpy(), out[:, 1:].mean(axis=1), rtol=1e-5, atol=1e-6)
         assert not np.allclose(got.gap[layer].numpy(), out.mean(axis=1), rtol=1e-6)
 
 

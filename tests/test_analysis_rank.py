@@ -20,6 +20,15 @@ from lightning_cka.result import CKAResult
 BATCH = 16
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Small tensors: one thread is as fast, and much faster on a machine whose cores are busy with other work.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def rankme(features):
     """Garrido et al. 2022 by the book: exp entropy of the normalized singular values of the centered features."""
     x = np.asarray(features, dtype=np.float64).reshape(len(features), -1)

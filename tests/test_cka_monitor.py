@@ -341,7 +341,7 @@ def test_several_monitors_coexist_and_unnamed_twins_are_refused(tmp_path):
     tags = events(trainer.log_dir).Tags()
     assert "coarse/cka/intra" in tags["images"] and "fine/cka/intra" in tags["images"]
     assert "fine/attention/mean_distance/blocks.0.attn" not in tags["scalars"]
-    with pytest.raises(MisconfigurationException, match="share the name None.*give each a different name"):
+    with pytest.raises(MisconfigurationException, match=r"share the name None.*give each a different name"):
         fit(tmp_path / "twins", [small_monitor(), small_monitor(every_n_train_steps=2)])
 
 

@@ -117,7 +117,7 @@ def test_load_rejects_foreign_files(tmp_path):
     with pytest.raises(ValueError, match="not a lightning-cka probe file"):
         CKAResult.load(tmp_path / "x.npz")
     (tmp_path / "empty.npz").write_bytes(b"")
-    with pytest.raises(ValueError, match="cannot be read.*cut short"):
+    with pytest.raises(ValueError, match=r"cannot be read.*cut short"):
         CKAResult.load(tmp_path / "empty.npz")
     np.savez(tmp_path / "future.npz", layers=np.array(["a"]), intra=np.eye(1), format_version=np.array(99))
     with pytest.raises(ValueError, match="newer lightning-cka"):
@@ -172,7 +172,7 @@ def test_a_failed_write_leaves_no_file_under_the_final_name(models, images, tmp_
 
 
 def test_unknown_fields_are_an_error_that_names_them():
-    with pytest.raises(TypeError, match="no field.*'intar'"):
+    with pytest.raises(TypeError, match=r"no field.*'intar'"):
         CKAResult(layers=["a"], intar=np.eye(1))
 
 

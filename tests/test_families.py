@@ -75,7 +75,7 @@ def test_swin_mean_reduction_averages_over_positions_of_channels_last_maps():
 
 def test_cls_reduction_on_a_model_without_a_class_token_is_an_error():
     model = timm.create_model("vit_wee_patch16_reg1_gap_256", img_size=64, num_classes=4)
-    with pytest.raises(ValueError, match="needs a class token.*registers"):
+    with pytest.raises(ValueError, match=r"needs a class token.*registers"):
         compare_models(model, data=torch.randn(8, 3, 64, 64), batch_size=8, reduction="cls")
 
 

@@ -24,7 +24,7 @@ def test_group_difference_marks_exactly_the_cells_welch_and_bh_reject():
     a = Group("A", [heatmap_figure(v) for v in runs_a], [4] * 4)
     b = Group("B", [heatmap_figure(v) for v in runs_b], [4] * 3)
     (figure,) = compare_groups(a, b, alpha=0.05)
-    mean_a, mean_b, diff = figure.panels
+    mean_a, _, diff = figure.panels
     np.testing.assert_allclose(mean_a.values, np.mean(runs_a, axis=0))
     np.testing.assert_allclose(diff.values, np.mean(runs_a, axis=0) - np.mean(runs_b, axis=0))
     p = st.ttest_ind(np.array(runs_a), np.array(runs_b), axis=0, equal_var=False).pvalue

@@ -119,7 +119,7 @@ class AttentionStats(Analysis):
 
     @override
     def reduce(self) -> Any:
-        return {role: sums.compute() for role, sums in self._sums.items()}
+        return {role: sums.totals() for role, sums in self._sums.items()}
 
     @override
     def finalize(self, reduced: Any) -> dict[str, Any]:

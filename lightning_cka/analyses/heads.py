@@ -1,4 +1,4 @@
-"""CKA of every attention head with every reference layer (Raghu et al. 2021, Figure 4 right).
+"""CKA of every attention head with every reference layer (Raghu et al. 2021).
 
 Taps the input of each timm attention module's output projection ``attn.proj``: ``(B, T, H·d)``, head-major, so head
 ``h`` is channels ``h·d:(h+1)·d``. Each head's ``(B, T, d)`` slice is reduced like the model's layers and turned into
@@ -30,6 +30,10 @@ from lightning_cka.taps.attention import AttentionSite, attention_sites
 from lightning_cka.taps.base import Tap
 from lightning_cka.taps.grams import LayerGrams, Reduction, TokenLayout, reduce_output, token_layout
 from lightning_cka.taps.layers import display_names
+
+# Up to this many attention layers every series is named in the legend; beyond it the renderer colours them as a ramp
+# (it has 10 categorical colours) and only the ends are named, so that 12 legend rows never cover the points.
+_NAMED_SERIES = 10
 
 
 class HeadGrams(Tap):
@@ -219,29 +223,39 @@ class HeadCKA(Analysis):
                 series.append(Series(str(name), points))
         if not series:
             return []
-        lines = []
+        names = [series.label for series in series]
+        if len(series) > _NAMED_SERIES:  # a colour ramp: name its two ends, so that the legend leaves the points free
+            series = [s if i in (0, len(series) - 1) else Series("", s.values) for i, s in enumerate(series)]
+        lines, local = [], ""
         uniform = result.uniform_attention_distance
-        if uniform and np.isfinite(uniform):
+        finite = distances[np.isfinite(distances) & np.isfinite(lower)]
+        if uniform and np.isfinite(uniform) and finite.size:
             threshold = view.local_threshold * uniform
-            lines.append(Line(threshold, f"local below {threshold:.1f} px", axis="x", style="dashed"))
+            if finite.min() <= threshold <= finite.max():
+                lines.append(Line(threshold, f"local below {threshold:.1f} px", axis="x", style="dashed"))
+            else:  # off the axis: a line there would stretch it and squeeze the points into a corner
+                where = "above" if finite.min() > threshold else "below"
+                local = f" Every head is {where} the local threshold ({threshold:.1f} px)."
         rho = spearman(distances, lower)
         correlation = f"{rho:+.2f}" if np.isfinite(rho) else "not defined (fewer than 3 heads with both values)"
-        who = result.reference_label or "the reference"
         panel = Scatter(
             series=tuple(series),
             x_label="mean attention distance (pixels)",
             y_label="CKA with lower reference layers",
-            title=f"y: mean CKA with {_span(used)} of {who}",
+            title=f"y: mean CKA with the reference's {_span(used)}",
             lines=tuple(lines),
         )
         caption = (
-            "One point per head, one colour per attention layer: x, how far the head attends; y, the CKA of its "
-            f"output with the reference's lower layers (the first third of its layers: {_span(used)}). Spearman rank "
-            f"correlation over all heads: {correlation}. Raghu et al. 2021: local heads are the most similar to the "
-            "lower ResNet layers (CKA ~0.6), falling to ~0.25 as the distance grows."
+            "One point per head, coloured by attention layer. x: how far it attends; y: the CKA of its output with "
+            "the reference's lower layers (the first third of them). Spearman rank correlation over all heads: "
+            f"{correlation}.{local} Raghu et al. 2021: local heads are the most similar to the lower ResNet layers "
+            "(CKA ~0.6), falling to ~0.25 as the distance grows."
         )
-        title = "Attention heads: attention distance vs CKA with the reference"
-        return [Figure("attention/heads_vs_reference", title, (panel,), caption, view.subtitle(result))]
+        title = "CKA of each head vs its attention distance"
+        figure = Figure(
+            "attention/heads_vs_reference", title, (panel,), caption, view.subtitle(result), {"series_layers": names}
+        )
+        return [figure]
 
     @classmethod
     @override

@@ -116,7 +116,7 @@ class LayerCKA(Analysis):
     @override
     def reduce(self) -> Any:
         self._metric.compute()
-        flags = self._flags.compute()
+        flags = self._flags.totals()
         blocks = dict(self._blocks)
         self._previous = self._current  # this probe is the next one's "previous"
         return self._metric.estimate, flags, blocks

@@ -49,7 +49,8 @@ class ProbeFeatures:
 
     Attributes:
         cls: per layer, the ``(n, D)`` float64 CLS token, or ``None`` (no class token, or not a token output).
-        gap: per layer, the ``(n, D)`` float64 mean over patch tokens / spatial positions (2-D outputs as they are).
+        gap: per layer, the ``(n, D)`` mean over patch tokens / spatial positions (2-D outputs as they are), taken in
+            the output's precision (at least float32) and widened to float64.
         dtypes: per layer, the precision the scored half is kept in: the output's, at least float32.
     """
 
@@ -64,13 +65,16 @@ def probe_features(output: Tensor, layout: TokenLayout, name: str) -> tuple[Tens
     ``(n, T, D)`` tokens: CLS is token 0 when the model has a class token, the pool is the mean over the tokens after
     the ``num_prefix_tokens`` prefix (CLS, distillation and register tokens are left out). ``(n, C, H, W)`` maps (``(n,
     H, W, C)`` when the layout is channels-last): the spatial mean, no CLS. ``(n, D)`` outputs are already pooled: they
-    are the pool, no CLS.
+    are the pool, no CLS. Means are taken in the output's precision, at least float32 (a float64 copy of a whole
+    ``(n, T, D)`` output would double the hook's memory on the GPU), then widened to float64.
     """
+    precision = torch.promote_types(output.dtype, torch.float32)
     if output.dim() == 3:
         cls = output[:, 0].to(torch.float64, copy=True) if layout.has_class_token else None
-        return cls, output[:, layout.num_prefix_tokens :].mean(dim=1, dtype=torch.float64)
+        return cls, output[:, layout.num_prefix_tokens :].mean(dim=1, dtype=precision).to(torch.float64)
     if output.dim() == 4:
-        return None, output.mean(dim=(1, 2) if layout.channels_last else (2, 3), dtype=torch.float64)
+        spatial = (1, 2) if layout.channels_last else (2, 3)
+        return None, output.mean(dim=spatial, dtype=precision).to(torch.float64)
     if output.dim() == 2:
         return None, output.to(torch.float64, copy=True)
     raise ValueError(
@@ -286,7 +290,7 @@ class LinearProbe(Analysis):
         value: ProbeFeatures = batch.values["model"][self._tap.key]
         device = value.gap[0].device
         labels = self._labels(batch, device)
-        fit = torch.arange(batch.size, device=device) % 2 == 0
+        fit = (batch.start + torch.arange(batch.size, device=device)) % 2 == 0
         self._grow(int(labels.max()) + 1 if labels.numel() else 0, device)
         fit_labels, score_labels = labels[fit], labels[~fit]
         onehot = F.one_hot(fit_labels, self._classes).to(torch.float64)  # a product, not index_add: deterministic

@@ -513,9 +513,17 @@ def _finite_mean(values: np.ndarray) -> float:
     return float(finite.mean()) if finite.size else float("nan")
 
 
+def _has_cls(part: CKAResult) -> bool:
+    return part.residual_ratio_cls is not None and bool((~np.isnan(part.residual_ratio_cls)).any())
+
+
+def _prefix(part: CKAResult) -> int:
+    prefix = part.residual_prefix_tokens
+    return int(prefix[0]) if prefix is not None and len(prefix) else 0
+
+
 def _token_labels(part: CKAResult, tokens: int) -> tuple[str, ...]:
-    prefix = int(part.residual_prefix_tokens[0]) if part.residual_prefix_tokens is not None else 0
-    has_cls = part.residual_ratio_cls is not None and np.isfinite(part.residual_ratio_cls[:, :]).any()
+    prefix, has_cls = _prefix(part), _has_cls(part)
     labels = []
     for t in range(tokens):
         if t < prefix:
@@ -547,6 +555,10 @@ def norm_ratio_panels(part: CKAResult) -> tuple[Heatmap | Curves, ...]:
     if ratio.shape[2] > 1:
         vmin, vmax = _log_limits(logs)
         labels = _token_labels(part, ratio.shape[2])
+        if not _prefix(part):
+            column_label = "position (row-major; later stages have fewer)"
+        else:
+            column_label = f"token ({'CLS' if _has_cls(part) else 'prefix tokens'} first, then patches, row-major)"
         for k, branch in enumerate(branches):
             values = np.where(np.isposinf(logs[:, k]), np.nan, logs[:, k])
             infinite = np.isposinf(ratio[:, k])
@@ -556,7 +568,7 @@ def norm_ratio_panels(part: CKAResult) -> tuple[Heatmap | Curves, ...]:
                     rows=blocks,
                     cols=labels,
                     row_label="block",
-                    col_label="token (CLS first, then patches in row-major order)",
+                    col_label=column_label,
                     title=f"{branch} branch",
                     vmin=vmin,
                     vmax=vmax,
@@ -566,20 +578,21 @@ def norm_ratio_panels(part: CKAResult) -> tuple[Heatmap | Curves, ...]:
                 )
             )
     series = []
-    cls_ratio, patch = part.residual_ratio_cls, part.residual_ratio_patch
+    cls_ratio, patch, has_cls = part.residual_ratio_cls, part.residual_ratio_patch, _has_cls(part)
     with np.errstate(divide="ignore", invalid="ignore"):
         for k, branch in enumerate(branches):
-            if cls_ratio is not None and np.isfinite(cls_ratio[:, k]).any():
+            if has_cls:
                 series.append(Series(f"{branch}: CLS", _finite_or_nan(np.log10(cls_ratio[:, k]))))
-            label = f"{branch}: patch tokens" if series or part.residual_ratio_cls is not None else branch
+            label = f"{branch}: patch tokens" if has_cls else branch
             series.append(Series(label, _finite_or_nan(np.log10(patch[:, k]))))
+    title = "class token vs patch tokens (mean over patches)" if has_cls else "mean over patch tokens / positions"
     panels.append(
         Curves(
             x=blocks,
             series=tuple(series),
             x_label="block",
             y_label="log10(‖stream‖ / ‖branch‖)",
-            title="class token vs patch tokens (mean over patches)",
+            title=title,
             lines=(Line(0.0, "ratio 1", style="dotted"),),
         )
     )

@@ -375,7 +375,9 @@ def _limits(panel: Dots | Curves | Scatter) -> Any:
         points = points[np.isfinite(points).all(axis=1)]
         if not points.size:
             return (0.0, 1.0), (0.0, 1.0)
-        return _padded(points[:, 0]), _padded(points[:, 1], floor_zero=False)
+        xs = np.concatenate([points[:, 0], [line.value for line in panel.lines if line.axis == "x"]])
+        ys = np.concatenate([points[:, 1], [line.value for line in panel.lines if line.axis == "y"]])
+        return _padded(xs), _padded(ys, floor_zero=False)
     if panel.ylim is not None:
         return tuple(panel.ylim)
     values = [s.values + (s.error if s.error is not None else 0) for s in panel.series]
@@ -439,7 +441,7 @@ def _legend(ax: Any, panel: Dots | Curves | Scatter, marker: str = "o") -> None:
     labelled = [(g, s.label) for g, s in enumerate(panel.series) if s.label]
     if not labelled:
         return
-    if len(labelled) > 12:
+    if isinstance(panel, Scatter) and len(panel.series) > len(COLORS):
         labelled = [labelled[0], labelled[-1]]  # a colour ramp: name its ends
     handles = [
         Line2D(
@@ -470,7 +472,9 @@ def _ticks(set_ticks: Any, set_labels: Any, names: Sequence[str], count: int, pi
 def _axis_pixels(ax: Any, axis: str) -> float:
     """Approximate length of an axis in pixels before layout (the panel's share of the figure)."""
     width, height = ax.figure.bbox.width, ax.figure.bbox.height  # a figure's or a subfigure's box, in pixels
-    return 0.72 * width if axis == "x" else 0.62 * height / max(1, len(ax.figure.axes))
+    spec = ax.get_subplotspec()
+    rows = spec.get_gridspec().nrows if spec is not None else 1  # panels stacked in the figure, colour bars aside
+    return 0.72 * width if axis == "x" else 0.62 * height / rows
 
 
 def _panel_height(panel: Panel) -> float:

@@ -32,6 +32,7 @@ class TensorSums(Metric):
     def __init__(self, shapes: Mapping[str, tuple[int, ...]], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.names = list(shapes)
+        self.shapes = {name: tuple(shape) for name, shape in shapes.items()}
         for name, shape in shapes.items():
             self.add_state(name, default=torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
 
@@ -44,5 +45,9 @@ class TensorSums(Metric):
             state[index] += value.to(state.dtype)
 
     def compute(self) -> dict[str, Tensor]:
-        """Every sum by name."""
+        """Every sum by name (torchmetrics squeezes one-element sums: :meth:`totals` keeps the shapes)."""
         return {name: getattr(self, name) for name in self.names}
+
+    def totals(self) -> dict[str, Tensor]:
+        """:meth:`compute` (a collective under DDP) with every sum in its declared shape."""
+        return {name: value.reshape(self.shapes[name]) for name, value in self.compute().items()}
