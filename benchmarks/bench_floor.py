@@ -1,8 +1,11 @@
 """compare_models against its floor: a forward-only pass of the same images through the same models.
 
 The floor runs every minibatch through the ViT and the ResNet under torch.no_grad in eval mode, with the batch size
-compare_models uses; compare_models adds the Gram of every monitored layer, the HSIC of every layer pair (intra ViT,
-ViT x ResNet and intra ResNet) and the mean attention distance of every ViT head.
+compare_models uses. compare_models with its defaults adds the Gram of every monitored layer, the HSIC of every layer
+pair (intra ViT, ViT x ResNet and intra ResNet) with 19 permutation-null products and the per-minibatch terms of the
+jackknife, the attention distances and entropies, per-head CKA against the ResNet, skip-connection ratios and
+effective ranks. One row per analysis on top of CKA alone, and one with everything on (localization and linear probes
+too, on random labels), tell what each costs.
 """
 
 import torch
@@ -22,10 +25,14 @@ from common import (
     time_interleaved,
 )
 from torch import Tensor, nn
+from torch.utils.data import TensorDataset
 
 from lightning_cka import compare_models, find_layers
 
-TARGETS = {"cpu": 1.2, "gpu": 1.10}  # slowdown over the floor, for the default (residual block) layers
+# Slowdown over the floor: the default analyses (residual block layers), and every analysis on.
+TARGETS = {"cpu": 1.2, "gpu": 1.10}
+EVERYTHING_TARGETS = {"cpu": 1.5, "gpu": 1.3}
+ALONE = {"attention": False, "heads": False, "residual": False, "rank": False}
 
 
 def forward_only(models: list[nn.Module], images: Tensor, batch_size: int) -> Workload:
@@ -38,8 +45,8 @@ def forward_only(models: list[nn.Module], images: Tensor, batch_size: int) -> Wo
     return lambda: call
 
 
-def probe(vit: nn.Module, resnet: nn.Module, images: Tensor, batch_size: int, **kwargs: object) -> Workload:
-    return lambda: lambda: compare_models(vit, resnet, data=images, batch_size=batch_size, **kwargs)
+def probe(vit: nn.Module, resnet: nn.Module, data: object, batch_size: int, **kwargs: object) -> Workload:
+    return lambda: lambda: compare_models(vit, resnet, data=data, batch_size=batch_size, **kwargs)
 
 
 def main() -> None:
@@ -48,13 +55,23 @@ def main() -> None:
     vit, resnet = build_models(setting, args.device)
     images = random_images(setting.num_images, setting.img_size, args.device)
     batch = setting.batch_size
+    labels = torch.randint(0, 10, (images.shape[0],), generator=torch.Generator().manual_seed(0)).to(args.device)
+    data = TensorDataset(images, labels)
     variants = {  # name -> (compare_models kwargs, ViT layer spec)
-        "compare_models": ({}, "auto"),
-        "compare_models, attention=False": ({"attention": False}, "auto"),
-        "compare_models, many layers": ({"layers_a": MANY_LAYERS}, MANY_LAYERS),
+        "compare_models (default analyses)": ({}, "auto"),
+        "CKA alone, no null": ({**ALONE, "permutations": 0}, "auto"),
+        "CKA alone, with its null": (ALONE, "auto"),
+        "CKA + attention": ({**ALONE, "attention": "auto"}, "auto"),
+        "CKA + attention + heads": ({**ALONE, "attention": "auto", "heads": "auto"}, "auto"),
+        "CKA + residual": ({**ALONE, "residual": "auto"}, "auto"),
+        "CKA + rank": ({**ALONE, "rank": True}, "auto"),
+        "CKA + localization": ({**ALONE, "localization": True}, "auto"),
+        "CKA + linear probe": ({**ALONE, "linear_probe": True}, "auto"),
+        "everything on": ({"localization": True, "linear_probe": True}, "auto"),
+        "default analyses, many layers": ({"layers_a": MANY_LAYERS}, MANY_LAYERS),
     }
     workloads = {"forward only": forward_only([vit, resnet], images, batch)}
-    workloads |= {name: probe(vit, resnet, images, batch, **kwargs) for name, (kwargs, _) in variants.items()}
+    workloads |= {name: probe(vit, resnet, data, batch, **kwargs) for name, (kwargs, _) in variants.items()}
     print(describe(args.device))
     times, failures = time_interleaved(workloads, args.repeats, args.device)
     if failures:
@@ -69,7 +86,9 @@ def main() -> None:
                 "layers": f"{len(find_layers(vit, spec))} + {len(find_layers(resnet))}",
                 "seconds": summary(times[name]),
                 "ratio": round_ratios(times[name], floor),
-                "target": TARGETS[args.preset] if name == "compare_models" else None,
+                "target": {"compare_models (default analyses)": TARGETS, "everything on": EVERYTHING_TARGETS}.get(
+                    name, {}
+                ).get(args.preset),
             }
         )
     for row in rows:

@@ -68,8 +68,17 @@ def main() -> None:
             generator = torch.Generator().manual_seed(1000 + draw)
             probe = images[torch.randperm(len(images), generator=generator)[: args.probe_size]]
             start = time.perf_counter()
-            result = compare_models(model, data=probe, batch_size=size, reduction="mean", attention=False,
-                                    residual=False, rank=False, heads=False, permutations=0)
+            result = compare_models(
+                model,
+                data=probe,
+                batch_size=size,
+                reduction="mean",
+                attention=False,
+                residual=False,
+                rank=False,
+                heads=False,
+                permutations=0,
+            )
             seconds.append(time.perf_counter() - start)
             estimates.append(offdiag_mean(result.intra))
             errors.append(jackknife_se(offdiag_mean, result.intra_replicates))
@@ -96,8 +105,13 @@ def main() -> None:
             f"{row['first_last_mean_jackknife_se']:.4f}; {row['seconds_median']:.2f} s"
         )
     out = RESULTS / "cpu" / "bench_minibatch_size.json"
-    out.write_text(json.dumps({"machine": describe(torch.device("cpu")), "checkpoint": checkpoint, "args": vars(args),
-                               "rows": rows}, indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {"machine": describe(torch.device("cpu")), "checkpoint": checkpoint, "args": vars(args), "rows": rows},
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {out}")
 
 

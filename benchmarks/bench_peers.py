@@ -4,7 +4,8 @@ Each tool computes the ViT-vs-ViT (intra) and ViT-vs-ResNet (cross) CKA matrices
 README shows, with a DataLoader over the same images (shuffle=False, so every tool sees the same minibatches; one pass:
 ckatorch's default of 10 epochs would repeat the same work). The peers never remove their hooks, so every run gets
 fresh copies of the models, made outside the timed and measured region. lightning-cka's compare_models computes
-intra, cross, ResNet-vs-ResNet and the attention distances in one call.
+intra, cross and ResNet-vs-ResNet in one call, with the peers' work only (no null, no other analysis; its
+per-minibatch jackknife terms come for free); what its other analyses cost is bench_floor.py's question.
 """
 
 import copy
@@ -36,6 +37,9 @@ from torch_cka import CKA as TorchCka
 
 from lightning_cka import MinibatchCKA, compare_models, find_layers
 
+# What the peers compute: CKA matrices only.
+CKA_ONLY = {"attention": False, "heads": False, "residual": False, "rank": False, "permutations": 0}
+
 # The peers' advice on their own usage; shuffle=False and one DataLoader are deliberate here.
 warnings.filterwarnings("ignore", message=".*(Dataloader for Model 2|setting 'shuffle=True').*")
 
@@ -59,7 +63,7 @@ def call(tool: str, matrix: str, vit: nn.Module, resnet: nn.Module, images: Tens
     device = images.device
     if tool == "lightning-cka":
         other = None if matrix == "intra" else resnet
-        return lambda: compare_models(vit, other, data=images, batch_size=batch_size)
+        return lambda: compare_models(vit, other, data=images, batch_size=batch_size, **CKA_ONLY)
     if tool == "forward only":
 
         def forward() -> None:

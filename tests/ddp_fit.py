@@ -31,7 +31,7 @@ def main() -> None:
     torch.set_num_threads(1)  # the same float32 summation order in every process, so both runs compare exactly
     pl.seed_everything(0, workers=True)
     reference = make_model("test_resnet")
-    monitor = FailsOnRank1(every_n_train_steps=2, probe_size=40, batch_size=8, reference=reference)
+    monitor = FailsOnRank1(every_n_train_steps=2, probe_size=40, batch_size=8, reference=reference, log_images=False)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=args.devices,

@@ -319,11 +319,12 @@ def test_timm_resnet_zero_init_is_inf_and_figures_and_scalars_cope(registered):
 
 def test_unlocated_layers_get_one_warning_naming_them():
     model = timm.create_model("test_vit", img_size=32)
-    with pytest.warns(UserWarning, match=r"blocks\.0\.attn") as record:
-        engine = ProbeEngine(
-            [ProbedModel("model", model, ["blocks.0.attn", "blocks.1", "blocks.2.mlp"])],
-            [ResidualRatio(ProbeOptions())],
-        )
+    layers = ["blocks.0.attn", "blocks.1", "blocks.2.mlp"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "auto": an attention or MLP module is simply not a block
+        engine = ProbeEngine([ProbedModel("model", model, layers)], [ResidualRatio(ProbeOptions())])
+    with pytest.warns(UserWarning, match=r"leave out 2 model layer\(s\).*blocks\.0\.attn") as record:
+        ProbeEngine([ProbedModel("model", model, layers)], [ResidualRatio(ON)])
     assert len([w for w in record if "residual" in str(w.message)]) == 1
     assert "blocks.2.mlp" in str(record[0].message)
     parts = batches(images(8, 32))

@@ -196,3 +196,16 @@ def test_recorder_takes_geometry_from_the_model():
     assert torch.isclose(rec.attention.distances[0, 1], torch.tensor(16.0))
     out = rec.attention.compute()
     assert out.shape == (6, 2) and torch.all((out > 0) & (out < 160 * np.sqrt(2)))
+
+
+def test_attention_entropy_matches_the_textbook_formula_on_manual_maps():
+    from lightning_cka import compare_models
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit")
+    inputs = torch.randn(6, 3, 160, 160)
+    maps = [m.double().numpy() for m in manual_attention_maps(model, inputs)]  # (B, H, T, T) per layer
+    expected = [(-(m * np.log(np.where(m > 0, m, 1.0))).sum(-1)).mean(axis=(0, 2)) for m in maps]  # per head
+    result = compare_models(model, data=inputs, batch_size=6, permutations=0)
+    np.testing.assert_allclose(result.attention_entropy, np.stack(expected), rtol=1e-5)
+    assert np.all(result.attention_entropy <= np.log(101) + 1e-6)  # at most uniform attention over 101 tokens

@@ -39,7 +39,8 @@ def fit(tmp_path, monitor=None, max_steps=6, lit=None, logger=True, train_val=No
 
 
 def small_monitor(**kwargs):
-    return CKAMonitor(**{"every_n_train_steps": 3, "probe_size": 24, "batch_size": 8, **kwargs})
+    # Figures cost most of a tiny probe: only the tests that look at them draw them.
+    return CKAMonitor(**{"every_n_train_steps": 3, "probe_size": 24, "batch_size": 8, "log_images": False, **kwargs})
 
 
 def events(log_dir):
@@ -57,7 +58,7 @@ def array_steps(log_dir, name=None):
 def vit_run(tmp_path_factory):
     """One fit shared by the tests that read the same run: a ViT with a ResNet reference, probed every 3 steps."""
     reference = make_model("test_resnet")
-    monitor = small_monitor(reference=reference)
+    monitor = small_monitor(reference=reference, log_images=True)
     trainer, lit = fit(tmp_path_factory.mktemp("vit"), monitor)
     return trainer, lit, reference, monitor
 
@@ -261,7 +262,8 @@ def test_a_failed_array_write_keeps_the_images_and_names_the_path(tmp_path):
     log_dir = tmp_path / "run" / "version_0"
     (log_dir / "cka" / "step_0000003.npz").mkdir(parents=True)  # in the way of step 3's file
     with pytest.warns(UserWarning, match=r"could not write the arrays of step 3 to .*step_0000003\.npz"):
-        trainer, _ = fit(tmp_path, small_monitor(), max_steps=6, logger=TensorBoardLogger(tmp_path, "run", version=0))
+        logger = TensorBoardLogger(tmp_path, "run", version=0)
+        trainer, _ = fit(tmp_path, small_monitor(log_images=True), max_steps=6, logger=logger)
     assert array_steps(trainer.log_dir) == [0, 6]
     assert [e.step for e in events(trainer.log_dir).Images("cka/intra")] == [0, 3, 6]  # the images are all there
 
@@ -333,8 +335,8 @@ def test_one_monitor_used_by_a_second_trainer_starts_afresh(tmp_path):
 
 
 def test_several_monitors_coexist_and_unnamed_twins_are_refused(tmp_path):
-    coarse = small_monitor(every_n_train_steps=3, name="coarse")
-    fine = small_monitor(every_n_train_steps=2, name="fine", layers="blocks.*.attn", attention=False)
+    coarse = small_monitor(every_n_train_steps=3, name="coarse", log_images=True)
+    fine = small_monitor(every_n_train_steps=2, name="fine", layers="blocks.*.attn", attention=False, log_images=True)
     trainer, _ = fit(tmp_path, [coarse, fine])
     assert coarse.state_key != fine.state_key
     assert array_steps(trainer.log_dir, "coarse") == [0, 3, 6] and array_steps(trainer.log_dir, "fine") == [0, 2, 4, 6]
@@ -347,7 +349,7 @@ def test_several_monitors_coexist_and_unnamed_twins_are_refused(tmp_path):
 
 def test_csv_logger_gets_scalars_and_one_warning_about_images(tmp_path):
     with pytest.warns(UserWarning, match="CSVLogger cannot take images") as record:
-        trainer, _ = fit(tmp_path, small_monitor(), logger=CSVLogger(tmp_path), max_steps=3)
+        trainer, _ = fit(tmp_path, small_monitor(log_images=True), logger=CSVLogger(tmp_path), max_steps=3)
     assert len([w for w in record if "cannot take images" in str(w.message)]) == 1
     header = (Path(trainer.log_dir) / "metrics.csv").read_text().splitlines()[0]
     assert "cka/offdiag_mean" in header and "attention/local_fraction/blocks.0.attn" in header

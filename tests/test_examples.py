@@ -197,13 +197,14 @@ def test_bad_arguments_name_the_problem(args, message, capsys):
 
 def test_small_vs_large_trains_seeds_of_both_and_compares_the_groups(tmp_path, capsys):
     small_vs_large = importlib.import_module("small_vs_large")
-    figure = small_vs_large.main(["--small", "0.05", "--large", "0.1", "--seeds", "2", "--out", str(tmp_path), *TINY])
+    args = ["--small", "0.05", "--large", "0.1", "--seeds", "2", "--out", str(tmp_path), *TINY, "--max-steps", "2"]
+    figure = small_vs_large.main(args)
     assert figure == tmp_path / "comparison.png" and figure.stat().st_size > 0
     for name in ("small-seed0", "small-seed1", "large-seed0", "large-seed1"):
         assert list((tmp_path / name / "version_0" / "cka").glob("step_*.npz"))
     printed = capsys.readouterr().out
     assert "run 1/4: small (0.05 of the training set), seed 0" in printed and "run 4/4: large" in printed
-    assert "plan: test_vit on digits (60 training images), 4 steps" in printed
+    assert "plan: test_vit on digits (60 training images), 2 steps" in printed
     assert "± sd over runs" in printed and f"comparison: {figure}" in printed
     with pytest.raises(SystemExit):
         small_vs_large.main(["--train-size", "10"])

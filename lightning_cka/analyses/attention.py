@@ -50,7 +50,7 @@ class AttentionStatsTap(AttentionTap):
             probs, distances, site.num_prefix_tokens, self.renormalize
         )
         # Entropy (nats) of each query's attention over all keys, averaged over queries, summed over images.
-        entropy = -(probs * probs.clamp_min(torch.finfo(probs.dtype).tiny).log()).sum(dim=-1)  # (b, H, T)
+        entropy = torch.special.entr(probs).sum(dim=-1)  # (b, H, T): -p log p, one fused op
         self._sums["entropy"][layer, :heads] += entropy.mean(dim=-1).sum(dim=0, dtype=torch.float64)
         self._sums["count"][layer, :heads] += probs.shape[0]
 

@@ -395,7 +395,10 @@ def _padded(values: np.ndarray, floor_zero: bool = False) -> tuple[float, float]
     if floor_zero and low >= 0:
         low = 0.0
     span = high - low or abs(high) or 1.0
-    step = 10 ** np.floor(np.log10(span)) / 2
+    # Round to whole decades of the span (or a tenth of the values' size, for a narrow cluster far from 0), so that the
+    # range, and with it the cached frame, stays put while the data moves a little from probe to probe.
+    magnitude = max(abs(low), abs(high)) or 1.0
+    step = max(10 ** np.floor(np.log10(span)), 10 ** np.floor(np.log10(magnitude)) / 10)
     return float(np.floor((low - 0.06 * span) / step) * step), float(np.ceil((high + 0.1 * span) / step) * step)
 
 

@@ -204,7 +204,8 @@ class _QKCapture:
         chunk = max(1, batch * head_dim // tokens)
         with torch.autocast(q.device.type, enabled=False):
             for start in range(0, batch, chunk):
-                scores = (q[start : start + chunk].float() * self.scale) @ k[start : start + chunk].float().mT
+                # Scaling the (T, T) scores costs less than scaling q when tokens are fewer than head dims.
+                scores = (q[start : start + chunk].float() @ k[start : start + chunk].float().mT).mul_(self.scale)
                 if self._bias is not None:
                     scores = scores + self._bias
                 self.tap.consume(self.layer, scores.softmax(dim=-1), distances)  # (b, H, T, T)

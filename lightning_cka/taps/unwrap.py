@@ -24,5 +24,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 def model_device(model: nn.Module) -> torch.device:
     """Device of a model's first parameter or buffer (CPU for a model without either)."""
-    tensors = (*model.parameters(), *model.buffers())
-    return tensors[0].device if tensors else torch.device("cpu")
+    first = next(model.parameters(), None)
+    if first is None:
+        first = next(model.buffers(), None)
+    return first.device if first is not None else torch.device("cpu")
