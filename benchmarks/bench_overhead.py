@@ -4,7 +4,7 @@ Runs examples/train.py as subprocesses, `--cka-every 0` (no monitor) and each in
 round, and divides each run's `fit_seconds` (trainer.fit alone) by the unmonitored run's of the same round. Every run
 also probes at step 0 and at the end, as the monitor always does. From the TensorBoard logs it reads the callback's
 on-thread probe time (`cka/probe_seconds`); the figures are rendered on a background thread, whose cost is timed
-separately here (ProbeRenderer on the arrays a run saved: the first render draws the figures, later ones blit).
+separately here (the FrameCache on the arrays a run saved: the first render draws the figures, later ones blit).
 """
 
 import json
@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 from common import describe, parse, parser, print_table, round_ratios, save, summary
-from lightning_cka.callbacks.renderer import ProbeRenderer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from lightning_cka.engine.analysis import View
+from lightning_cka.figures.render import FrameCache
 from lightning_cka.result import CKAResult
 
 TRAIN = Path(__file__).resolve().parents[1] / "examples" / "train.py"
@@ -39,7 +40,7 @@ PRESETS = {
     },
 }
 TARGET = {"interval": 200, "max_overhead": 0.02}  # GPU setting
-LOCAL_THRESHOLD_PX = 8.25  # CKAMonitor's default for an 8 x 8 grid of 4 px patches: half of 16.5 px
+LOCAL_THRESHOLD = 0.5  # CKAMonitor's default: half the uniform-attention distance
 
 
 def train(args: list[str], every: int, workdir: Path, name: str) -> dict:
@@ -65,15 +66,23 @@ def render_seconds(log_dir: Path, repeats: int) -> dict:
     """Seconds of the first render of a probe's figures and of later ones, on arrays saved by a run."""
     files = sorted((log_dir / "cka").glob("step_*.npz"))
     results = [CKAResult.load(path) for path in files]
-    renderer = ProbeRenderer(LOCAL_THRESHOLD_PX)
+    view = View(local_threshold=LOCAL_THRESHOLD)
+    cache = FrameCache()
+
+    def render(current: CKAResult, previous: CKAResult) -> int:
+        figures = current.figures(previous, view)
+        for figure in figures:
+            cache.render(figure)
+        return len(figures)
+
     start = time.perf_counter()
-    figures = len(renderer.render(results[1], results[0]))
+    figures = render(results[1], results[0])
     first = time.perf_counter() - start
     later = []
     for i in range(repeats):
         previous, current = results[i % (len(results) - 1)], results[i % (len(results) - 1) + 1]
         start = time.perf_counter()
-        renderer.render(current, previous)
+        render(current, previous)
         later.append(time.perf_counter() - start)
     return {"first_render_s": first, "later_render_s": summary(later), "figures": figures}
 

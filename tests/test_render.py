@@ -98,6 +98,7 @@ def test_null_marks_and_titles_say_what_they_show():
     distances = next(f for f in result.figures(None, View(local_threshold=0.5)) if f.tag == "attention/mean_distance")
     lines = {line.label: line.value for line in distances.panels[0].lines}
     assert lines == {"local below 8.0 px": 8.0, "uniform attention 16.0 px (global)": 16.0}
+    assert distances.panels[0].ylim[0] < 0 < distances.panels[0].ylim[1]  # points at 0 stay whole
     assert distances.panels[0].ylim[1] > max(16.0, float(result.mean_attention_distance.max()))
 
 

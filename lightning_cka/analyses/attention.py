@@ -213,5 +213,5 @@ def distance_panel(
         x_label="attention layer",
         y_label="mean attention distance (pixels)",
         lines=tuple(lines),
-        ylim=(0.0, top * 1.15 or 1.0),
+        ylim=(-0.03 * top, top * 1.15) if top else (0.0, 1.0),  # no head cut off by the frame, at 0 either
     )

@@ -252,7 +252,7 @@ def _change_figure(result: CKAResult, previous: CKAResult, subtitle: str) -> Fig
     change = result.intra - previous.intra
     panel = change_panel(change, result.layers, result.layers, title=f"step {previous.step} to {result.step}")
     finite = change[np.isfinite(change)]
-    extent = f"changes from {finite.min():+.3f} to {finite.max():+.3f}" if finite.size else "no change"
+    extent = f"changes from {finite.min():+.2g} to {finite.max():+.2g}" if finite.size else "no change"
     caption = f"Red: two layers became more alike since the previous probe, blue: less alike ({extent})."
     return Figure("cka/intra_change", "Change of CKA between the model's layers", (panel,), caption, subtitle)
 

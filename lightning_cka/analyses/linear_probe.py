@@ -463,7 +463,7 @@ class LinearProbe(Analysis):
             x_label="layer",
             y_label="probe accuracy",
             lines=lines,
-            ylim=(0.0, 1.0),
+            ylim=(-0.02, 1.04),  # an accuracy of exactly 0 or 1 stays whole inside the frame
         )
         fit_n, scored_n = _examples(result)
         no_cls = "" if accuracy.shape[1] and np.isfinite(accuracy[:, 0]).any() else " The model has no class token."
