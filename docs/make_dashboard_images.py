@@ -1,11 +1,12 @@
 """Make the dashboard pictures in docs/images/ (dashboard-*.png) from a real `tensorboard` and headless Chromium.
 
-    python docs/make_dashboard_images.py
+    python docs/make_dashboard_images.py --logdir runs/small_vs_large --run-b small-seed0
 
-writes the demo runs of `python -m lightning_cka.dashboard.demo` (synthetic figures shaped like the monitor's) to a
-temporary logdir, serves them with `tensorboard`, and screenshots the CKA tab with the browser test's machinery
-(tests/dashboard_browser.py): the heatmap with a hovered cell and its history, the attention distances, and two runs
-side by side with their difference. Needs Chromium (`apt-get install chromium`, or set $CHROMIUM).
+serves the runs of a real training (here `python examples/small_vs_large.py --seeds 2`) with `tensorboard` and
+screenshots the CKA tab with the browser test's machinery (tests/dashboard_browser.py): the heatmap with a hovered cell
+and its history, the attention distances, and two runs side by side with their difference. Without `--logdir` it uses
+the synthetic runs of `python -m lightning_cka.dashboard.demo` (figures shaped like the monitor's, 12 layers). Needs
+Chromium (`apt-get install chromium`, or set $CHROMIUM).
 """
 
 import argparse
@@ -13,6 +14,7 @@ import json
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -29,15 +31,22 @@ def main() -> None:
     """Write docs/images/dashboard-heatmap.png, dashboard-attention.png and dashboard-compare.png."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "images", help="default: docs/images")
+    parser.add_argument("--logdir", type=Path, help="runs of a real training (default: the synthetic demo runs)")
+    parser.add_argument("--runs", type=int, default=2, help="runs the logdir holds, to wait for (default: 2)")
+    parser.add_argument("--run-b", default="vit-small", help="the run shown as B in the comparison")
     args = parser.parse_args()
     chromium = find_chromium()
     if chromium is None:
         raise SystemExit("no Chromium found: apt-get install chromium, or set $CHROMIUM")
     args.out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as logdir:
-        demo.write_demo(Path(logdir))
-        with tensorboard(Path(logdir), "--samples_per_plugin", "lightning_cka=0", runs=3) as url:
-            for name, shoot in (("heatmap", heatmap), ("attention", attention), ("compare", compare)):
+    with tempfile.TemporaryDirectory() as scratch:
+        logdir, runs = args.logdir, args.runs
+        if logdir is None:
+            logdir, runs = Path(scratch), 3
+            demo.write_demo(logdir)
+        with tensorboard(logdir, "--samples_per_plugin", "lightning_cka=0", runs=runs) as url:
+            shots = {"heatmap": heatmap, "attention": attention, "compare": partial(compare, run_b=args.run_b)}
+            for name, shoot in shots.items():
                 with Browser(chromium, WIDTH, 1000) as browser:
                     path = args.out / f"dashboard-{name}.png"
                     shoot(browser, url, path)
@@ -47,8 +56,8 @@ def main() -> None:
 def heatmap(b: Browser, url: str, path: Path) -> None:
     """The tab in TensorBoard: cka/intra early in training, a cell marked as null hovered, its history below."""
     open_tab(b, url + "#lightning_cka")
-    step_back(b, 4)  # step 100: the far-apart layers are still as similar as unrelated images
-    hover(b, "ckaCell(0, 10, 1)")
+    step_back(b, 4)  # early in training: the demo's far-apart layers are still as similar as unrelated images
+    hover(b, "ckaCell(0, cka().querySelector('svg.heatmap rect.cells').dataset.rows - 2, 1)")
     b.screenshot(path, clip={"x": 0, "y": 0, "width": WIDTH, "height": 960})
 
 
@@ -60,13 +69,13 @@ def attention(b: Browser, url: str, path: Path) -> None:
     b.screenshot(path, clip={"x": 0, "y": 0, "width": WIDTH, "height": content_height(b)})
 
 
-def compare(b: Browser, url: str, path: Path) -> None:
-    """vit-large against vit-small, side by side, with A − B and a hovered cell of the difference."""
+def compare(b: Browser, url: str, path: Path, run_b: str) -> None:
+    """The first run against ``run_b``, side by side, with A − B and a hovered cell of the difference."""
     b.call("Emulation.setDeviceMetricsOverride", session=True, width=WIDTH, height=1100, deviceScaleFactor=1,
            mobile=False)  # fmt: skip
     open_tab(b, url + "data/plugin_entry.html?name=lightning_cka")
-    choose(b, "run B", "vit-small")
-    hover(b, "ckaCell(2, 9, 2)")
+    choose(b, "run B", run_b)
+    hover(b, "ckaCell(2, cka().querySelectorAll('svg.heatmap rect.cells')[2].dataset.rows - 3, 2)")
     b.screenshot(path, clip={"x": 0, "y": 0, "width": WIDTH, "height": content_height(b)})
 
 

@@ -267,17 +267,22 @@ def plan(args: argparse.Namespace, trainer: pl.Trainer, monitor: CKAMonitor | No
 
 @contextmanager
 def quiet_lightning_tips() -> Any:
-    """Hide Lightning's advertisement for its cloud logger (printed at every fit) while training."""
-    logger = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    """Hide Lightning's advertisement for its cloud logger (printed by every Trainer)."""
+    # Lightning logs through whichever of these its namespaces was imported last (lightning_cka imports
+    # lightning.pytorch when it is installed), so the filter goes on all of them.
+    names = ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric")
+    loggers = [logging.getLogger(f"{name}.utilities.rank_zero") for name in names]
 
     def not_an_advert(record: logging.LogRecord) -> bool:
         return "litlogger" not in record.getMessage()
 
-    logger.addFilter(not_an_advert)
+    for logger in loggers:
+        logger.addFilter(not_an_advert)
     try:
         yield
     finally:
-        logger.removeFilter(not_an_advert)
+        for logger in loggers:
+            logger.removeFilter(not_an_advert)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -310,7 +315,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     timm_name, timm_kwargs = timm_spec(args.model, num_classes, model_kwargs(args))
     module = ImageClassifier(timm_name, timm_kwargs, args.lr, args.weight_decay, args.warmup_fraction)
     monitor = make_monitor(args, num_classes)
-    trainer = make_trainer(args, monitor)
+    with quiet_lightning_tips():  # Lightning prints its cloud-logger tip when the Trainer is made
+        trainer = make_trainer(args, monitor)
     if trainer.is_global_zero:
         print(plan(args, trainer, monitor, len(train_set)), flush=True)
     with warnings.catch_warnings(), quiet_lightning_tips():

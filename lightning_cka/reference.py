@@ -59,22 +59,35 @@ def load_reference(
     return model
 
 
+def _short_path(path: str | Path, keep: int = 3) -> str:
+    """The last ``keep`` parts of a checkpoint's path, Lightning's ``checkpoints`` folder left out, for titles.
+
+    Example:
+        >>> _short_path("/home/me/runs/resnet/version_0/checkpoints/last.ckpt")
+        '…/resnet/version_0/last.ckpt'
+        >>> _short_path("last.ckpt")
+        'last.ckpt'
+    """
+    parts = [part for part in Path(path).parts if part != "checkpoints"]
+    return str(Path(*parts[-keep:])) if len(parts) <= keep else "…/" + "/".join(parts[-keep:])
+
+
 def describe_reference(
     reference: nn.Module | str | Path, weights: str | Path | None = None, pretrained: bool = False
 ) -> tuple[str, bool]:
     """How figures name a reference, and whether it is an untrained timm model (random weights).
 
     Returns:
-        ``("resnet18_cifar, trained (runs/resnet/version_0/checkpoints/last.ckpt)", False)``,
+        ``("resnet18_cifar, trained (…/resnet/version_0/last.ckpt)", False)`` (the path's last parts),
         ``("resnet18, untrained (random weights)", True)``, ``("ResNet (a module passed in)", False)``...
     """
     if isinstance(reference, nn.Module):
         return f"{type(reference).__name__} (a module passed in)", False
     if Path(reference).is_file():
         name, _ = _architecture(Path(reference))
-        return f"{name}, trained ({reference})", False
+        return f"{name}, trained ({_short_path(reference)})", False
     if weights is not None:
-        return f"{reference}, trained ({weights})", False
+        return f"{reference}, trained ({_short_path(weights)})", False
     if pretrained:
         return f"{reference}, timm's pretrained weights", False
     return f"{reference}, untrained (random weights)", True

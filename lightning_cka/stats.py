@@ -164,7 +164,8 @@ def _betainc(a: np.ndarray, b: np.ndarray, x: np.ndarray) -> np.ndarray:
                 c = 1 + numerator / c
                 c = np.where(np.abs(c) < tiny, tiny, c)
                 h *= d * c
-            if np.nanmax(np.abs(d * c - 1), initial=0.0) < 1e-13:
+            step = np.abs(d * c - 1)
+            if not np.any(step[np.isfinite(step)] >= 1e-13):  # NaN cells (no test) do not hold the loop
                 break
         out = front * h
     out = np.where(xx <= 0, 0.0, np.where(xx >= 1, 1.0, out))

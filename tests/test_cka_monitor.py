@@ -86,11 +86,26 @@ def test_every_documented_tag_reaches_tensorboard(vit_run):
 def test_the_dashboard_data_holds_the_same_figures_as_the_images(vit_run):
     import json
 
+    from tensorboard.backend.event_processing.data_provider import MultiplexerDataProvider
+    from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
+    from tensorboard.context import RequestContext
+
+    from lightning_cka.dashboard.store import FigureStore
+
     trainer, *_ = vit_run
     acc = events(trainer.log_dir)
-    assert set(acc.Tags()["tensors"]) == set(acc.Tags()["images"])
+    images = set(acc.Tags()["images"])
+    assert set(acc.Tags()["tensors"]) == {f"{tag}/figure" for tag in images}
+    # The CKA tab reads through TensorBoard's data provider, which keys a tag's metadata by its first summary: with
+    # the images under the same tags as the tensors it listed nothing for a run that logs images (the default).
+    multiplexer = EventMultiplexer(tensor_size_guidance={"lightning_cka": 0})
+    multiplexer.AddRunsFromDirectory(trainer.log_dir)
+    multiplexer.Reload()
+    runs, skipped = FigureStore(MultiplexerDataProvider(multiplexer, trainer.log_dir)).list(RequestContext(), "")
+    assert not skipped and set(runs["."]) == images
+    assert set(multiplexer.PluginRunToTagToContent("images")["."]) == images  # the Images tab keeps its tags
     final = CKAResult.load(Path(trainer.log_dir) / "cka" / "step_0000006.npz")
-    (event,) = [e for e in acc.Tensors("cka/intra") if e.step == 6]
+    (event,) = [e for e in acc.Tensors("cka/intra/figure") if e.step == 6]
     figure = json.loads(event.tensor_proto.string_val[0])
     np.testing.assert_allclose(np.array(figure["panels"][0]["values"], dtype=float), final.intra)
     assert figure["meta"]["probe"] == final.probe_hash and figure["meta"]["step"] == 6
@@ -279,7 +294,7 @@ def test_reference_by_timm_name_with_a_lightning_checkpoint_of_another_run(tmp_p
         warnings.filterwarnings("ignore", ".*(does not have many workers|smaller than the logging|LeafSpec).*")
         trainer, _ = fit(tmp_path / "run", monitor, max_steps=3)
     result = CKAResult.load(Path(trainer.log_dir) / "cka" / "step_0000003.npz")
-    assert result.reference_label == f"test_resnet, trained ({ckpt})"
+    assert result.reference_label == f"test_resnet, trained (…/{tmp_path.parent.name}/{tmp_path.name}/donor.ckpt)"
     with pytest.raises(ValueError, match=r"do not fit ResNet.*num_classes"):
         fit(tmp_path / "bad", small_monitor(reference="test_resnet", reference_weights=str(ckpt)))
 

@@ -185,8 +185,8 @@ def test_export_writes_the_dashboard_data_of_an_old_run(runs, tmp_path, capsys):
     assert run_cli("export", small) == 0
     acc = EventAccumulator(str(small), size_guidance={"tensors": 0})
     acc.Reload()
-    assert "cka/intra" in acc.Tags()["tensors"]
-    assert [e.step for e in acc.Tensors("cka/intra")] == [0, 100, 200]
+    assert "cka/intra/figure" in acc.Tags()["tensors"]
+    assert [e.step for e in acc.Tensors("cka/intra/figure")] == [0, 100, 200]
     assert "tensorboard --logdir" in capsys.readouterr().out
 
 

@@ -17,7 +17,7 @@ from werkzeug import test as werkzeug_test
 from werkzeug import wrappers
 
 from lightning_cka.dashboard.plugin import CKADashboardPlugin
-from lightning_cka.dashboard.summaries import figure_summary, write_figures
+from lightning_cka.dashboard.summaries import figure_summary, summary_tag, write_figures
 from lightning_cka.figures.spec import Curves, Dots, Figure, Heatmap, Line, Scatter, Series, to_json
 
 LAYERS = ("blocks.0", "blocks.1", "blocks.2")
@@ -105,11 +105,11 @@ def test_write_figures_writes_one_string_tensor_summary_per_figure(tmp_path):
         for event in event_file_loader.LegacyEventFileLoader(str(events)).Load()
         for value in event.summary.value
     ]
-    assert [v.tag for _, v in values] == [
-        "coarse/cka/intra",
-        "coarse/attention/mean_distance",
-        "coarse/residual/norm_ratio",
-        "coarse/attention/heads_vs_reference",
+    assert [v.tag for _, v in values] == [  # tags of their own: the Images tab's PNGs have the figures' tags
+        "coarse/cka/intra/figure",
+        "coarse/attention/mean_distance/figure",
+        "coarse/residual/norm_ratio/figure",
+        "coarse/attention/heads_vs_reference/figure",
     ]
     step, value = values[0]
     assert step == 7
@@ -291,7 +291,7 @@ def test_truncated_event_file(tmp_path):
 
 def test_garbage_tensor_is_a_json_error_and_history_skips_it(tmp_path):
     write_run(tmp_path / "run", steps=(0,))
-    bad = figure_summary(probe_figures(1)[0])
+    bad = figure_summary(probe_figures(1)[0], summary_tag("cka/intra"))  # the same series as write_run's
     bad.value[0].tensor.string_val[0] = b'{"panels": [{"kind": "heatm'
     writer = SummaryWriter(str(tmp_path / "run"))
     writer._get_file_writer().add_summary(bad, 1)

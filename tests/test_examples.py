@@ -1,5 +1,6 @@
 import importlib
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -193,6 +194,24 @@ def test_bad_arguments_name_the_problem(args, message, capsys):
         train.main(args)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in err, err
+
+
+def test_lightning_s_cloud_logger_tip_is_not_printed(tmp_path):
+    # Lightning's loggers stop propagating to the root when it was imported before any handler existed (as in a
+    # pytest-xdist worker), so the messages are caught at its package loggers, where they arrive either way.
+    messages = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    parents = [logging.getLogger(name) for name in ("lightning.pytorch", "pytorch_lightning")]
+    for parent in parents:
+        parent.addHandler(handler)
+    try:
+        train.main([*TINY, "--max-steps", "1", "--cka-every", "0", "--train-size", "16", "--out", str(tmp_path)])
+    finally:
+        for parent in parents:
+            parent.removeHandler(handler)
+    assert any("GPU available" in m for m in messages), messages  # Lightning's own messages reach the capture
+    assert not any("litlogger" in m for m in messages)
 
 
 def test_small_vs_large_trains_seeds_of_both_and_compares_the_groups(tmp_path, capsys):

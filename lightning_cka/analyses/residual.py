@@ -230,6 +230,22 @@ def token_capacity(model: ProbedModel, sites: list[ResidualSite]) -> int:
     return capacity
 
 
+_CHUNK_ELEMENTS = 1 << 20  # 4 MiB of float32: the scratch one chunk's norms may take
+
+
+def _chunk_images(x: Tensor) -> int:
+    """Images per chunk: vecdot materializes the squared activation, which must not add an activation to the peak."""
+    return max(1, _CHUNK_ELEMENTS // max(1, x[0].numel())) if x.ndim else 1
+
+
+def _channel_norms(x: Tensor, maps: bool) -> Tensor:
+    """Per-token (or per-position) channel norms of ``x``, in float32 or float64."""
+    # vecdot is 8x faster than vector_norm over the channels of an NCHW map on the CPU (one fused multiply-add pass
+    # instead of a strided reduction).
+    x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    return torch.linalg.vecdot(x, x, dim=1 if maps else -1).sqrt()
+
+
 class ResidualTap(Tap):
     """Per forward pass, per site and branch: the sums over images of ``‖stream‖ / ‖branch‖`` per token.
 
@@ -279,10 +295,7 @@ class ResidualTap(Tap):
                     "layers)."
                 )
             x = first_tensor(value, module_name)
-            # Channel norms right away: nothing of the activation is kept. vecdot is 8x faster than vector_norm over
-            # the channels of an NCHW map on the CPU (one fused multiply-add pass instead of a strided reduction).
-            x = x if x.dtype in (torch.float32, torch.float64) else x.float()
-            norms = torch.linalg.vecdot(x, x, dim=1 if site.maps else -1).sqrt()
+            norms = torch.cat([_channel_norms(c, site.maps) for c in x.split(_chunk_images(x))])
             self._norms[key] = norms.reshape(norms.shape[0], -1)  # (n, tokens or positions)
 
         return record

@@ -14,7 +14,7 @@ from typing import Any
 
 from tensorboard.data import provider
 
-from lightning_cka.dashboard.summaries import METADATA_VERSION, PLUGIN_NAME
+from lightning_cka.dashboard.summaries import METADATA_VERSION, PLUGIN_NAME, figure_tag, summary_tag
 
 # read_tensors wants an explicit cap; the loader has already applied the reservoir sampling the user asked for.
 _ALL_SAMPLES = 1 << 40
@@ -29,6 +29,7 @@ class FigureTag:
     caption: str
     max_step: int
     max_wall_time: float
+    summary_tag: str
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,8 @@ class FigureStore:
             run: only this run, when given.
             tag: only this tag, when given.
         """
-        run_tag_filter = provider.RunTagFilter(runs=None if run is None else [run], tags=None if tag is None else [tag])
+        tags = None if tag is None else [summary_tag(tag), tag]
+        run_tag_filter = provider.RunTagFilter(runs=None if run is None else [run], tags=tags)
         listing = self._provider.list_tensors(
             ctx, experiment_id=experiment_id, plugin_name=PLUGIN_NAME, run_tag_filter=run_tag_filter
         )
@@ -126,12 +128,13 @@ class FigureStore:
                     reason = f"metadata version {version}" if version else "unreadable metadata"
                     skipped.append({"run": run_name, "tag": tag_name, "reason": reason})
                     continue
-                runs.setdefault(run_name, {})[tag_name] = FigureTag(
-                    tag=tag_name,
+                runs.setdefault(run_name, {})[figure_tag(tag_name)] = FigureTag(
+                    tag=figure_tag(tag_name),
                     title=series.display_name or "",
                     caption=series.description or "",
                     max_step=int(series.max_step),
                     max_wall_time=float(series.max_wall_time),
+                    summary_tag=tag_name,
                 )
         return runs, skipped
 
@@ -147,9 +150,9 @@ class FigureStore:
                 experiment_id=experiment_id,
                 plugin_name=PLUGIN_NAME,
                 downsample=_ALL_SAMPLES,
-                run_tag_filter=provider.RunTagFilter(runs=[run], tags=[tag]),
+                run_tag_filter=provider.RunTagFilter(runs=[run], tags=[info.summary_tag]),
             )
-            datums = (data or {}).get(run, {}).get(tag, [])
+            datums = (data or {}).get(run, {}).get(info.summary_tag, [])
             samples = Samples([Sample(int(d.step), float(d.wall_time), _string_scalar(d.numpy)) for d in datums])
             return samples, samples.nbytes
 

@@ -1,9 +1,9 @@
 """Figures as TensorBoard tensor summaries, the data the "CKA" tab reads.
 
 One summary per figure and probe step: a scalar string tensor holding the UTF-8 JSON of
-:func:`lightning_cka.figures.spec.to_json`, under the figure's tag (prefixed with the monitor's name when it has one),
-with plugin name ``lightning_cka``. The figure's title and caption go into the summary's ``display_name`` and
-``summary_description``, so the dashboard lists figures without decoding them.
+:func:`lightning_cka.figures.spec.to_json`, under the figure's tag (prefixed with the monitor's name when it has one)
+followed by ``TAG_SUFFIX``, with plugin name ``lightning_cka``. The figure's title and caption go into the summary's
+``display_name`` and ``summary_description``, so the dashboard lists figures without decoding them.
 """
 
 import json
@@ -19,6 +19,19 @@ PLUGIN_NAME = "lightning_cka"
 # Bumped only when a reader could misread newer data; the plugin skips versions it does not know.
 METADATA_VERSION = 1
 METADATA_CONTENT = json.dumps({"version": METADATA_VERSION}).encode()
+# TensorBoard keeps the metadata of the first summary it reads under a tag: the PNG the monitor logs under the
+# figure's tag (Images tab) would hide the figure's tensor from this plugin, so the tensors get tags of their own.
+TAG_SUFFIX = "/figure"
+
+
+def summary_tag(tag: str) -> str:
+    """The tag the figure ``tag`` is written under: ``summary_tag("cka/intra") == "cka/intra/figure"``."""
+    return tag + TAG_SUFFIX
+
+
+def figure_tag(tag: str) -> str:
+    """The figure's tag from a summary's (files written before ``TAG_SUFFIX`` carry the figure's tag itself)."""
+    return tag.removesuffix(TAG_SUFFIX)
 
 
 def figure_json(figure: Figure) -> bytes:
@@ -72,4 +85,4 @@ def write_figures(writer: Any, figures: Iterable[Figure], step: int, prefix: str
     file_writer = writer._get_file_writer()  # the SummaryWriter's own event file, recreated if it was closed
     wall_time = time.time()
     for figure in figures:
-        file_writer.add_summary(figure_summary(figure, prefixed_tag(figure.tag, prefix)), step, wall_time)
+        file_writer.add_summary(figure_summary(figure, summary_tag(prefixed_tag(figure.tag, prefix))), step, wall_time)

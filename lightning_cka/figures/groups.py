@@ -132,14 +132,24 @@ def _dots(pa: list[Dots], pb: list[Dots], a: Group, b: Group) -> list:
     """Every head of every run per group as dots, and per layer the group's mean over heads with its spread."""
     first = pa[0]
     pooled = [Series(g.label, np.concatenate([p.series[0].values for p in ps], axis=1)) for ps, g in ((pa, a), (pb, b))]
-    dots = Dots(first.x, tuple(pooled), first.x_label, first.y_label, first.title, _lines(pa, pb), None)
+    ylim = _shared_ylim([*pa, *pb])
+    dots = Dots(first.x, tuple(pooled), first.x_label, first.y_label, first.title, _lines(pa, pb), ylim)
     layer_means = []
     for ps, g in ((pa, a), (pb, b)):
         per_run = np.stack([np.nanmean(p.series[0].values, axis=1) for p in ps])  # (runs, layers)
         spread = per_run.std(axis=0, ddof=1) if len(ps) > 1 else None
         layer_means.append(Series(g.label, per_run.mean(axis=0), spread))
-    curves = Curves(first.x, tuple(layer_means), first.x_label, f"{first.y_label}, mean over heads", "", _lines(pa, pb))
+    label = f"{first.y_label}, mean over heads"
+    curves = Curves(first.x, tuple(layer_means), first.x_label, label, "", _lines(pa, pb), ylim)
     return [dots, curves]
+
+
+def _shared_ylim(panels: list[Dots]) -> tuple[float, float] | None:
+    """The y range that holds every run's own range (each run's panel keeps its heads and lines in view)."""
+    limits = [p.ylim for p in panels]
+    if any(limit is None for limit in limits):
+        return None
+    return min(low for low, _ in limits), max(high for _, high in limits)
 
 
 def _curves(pa: list[Curves], pb: list[Curves], a: Group, b: Group) -> Curves:

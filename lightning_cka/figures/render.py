@@ -24,6 +24,7 @@ from lightning_cka.figures.spec import Curves, Dots, Figure, Heatmap, Panel, Sca
 WIDTH = 5.2  # inches, at 100 dpi: TensorBoard shows it about 0.63x
 FONT = 11
 SMALL = 9.5
+TITLE_WIDTH = 48  # characters of a panel title per line: longer titles (a checkpoint path) wrap, never clip
 CMAPS = {"sequential": "magma", "diverging": "RdBu_r"}
 LINE_STYLES = {"dashed": "--", "dotted": ":", "solid": "-"}
 COLORS = ("C0", "C3", "C2", "C1", "C4", "C5", "C6", "C7", "C8", "C9")
@@ -48,15 +49,14 @@ def draw_figure(figure: Figure, container: Any = None) -> Drawing:
     reserves its lines. Subtitle and caption are annotations anchored to those two, so that :class:`FrameCache` can
     redraw them (with the data) on a cached frame whose layout is fixed.
     """
-    caption = _wrap(figure.caption)
     if container is None:
-        height = sum(_panel_height(p) for p in figure.panels) + 0.75 + 0.17 * (caption.count("\n") + bool(caption))
-        container = MplFigure(figsize=(WIDTH, height), layout="constrained", dpi=100)
+        container = MplFigure(figsize=(WIDTH, _figure_height(figure)), layout="constrained", dpi=100)
     axes = list(container.subplots(len(figure.panels), 1, squeeze=False)[:, 0])
     dynamic: list[Artist] = []
     for ax, panel in zip(axes, figure.panels, strict=True):
         dynamic += draw_panel(panel, ax)[2]
-    title = container.suptitle(f"{figure.title}\n", fontsize=FONT + 2, fontweight="bold")
+    title = container.suptitle(f"{_wrap(figure.title, TITLE_WIDTH)}\n", fontsize=FONT + 2, fontweight="bold")
+    caption = _wrap(figure.caption)
     blank = "\n".join(" " for _ in range(caption.count("\n") + 1)) if caption else ""
     anchor = container.supxlabel(blank, x=0.01, ha="left", fontsize=SMALL)
     drawing = Drawing(container, axes, title, anchor, dynamic)
@@ -106,15 +106,23 @@ def draw_figures(figures: Sequence[Figure]) -> MplFigure:
         raise ValueError("there is nothing to plot: the probe holds no field that a figure shows.")
     columns = min(2, len(figures))
     rows = -(-len(figures) // columns)
-    heights = [
-        max(sum(_panel_height(p) for p in f.panels) + 1.2 for f in figures[r * columns : (r + 1) * columns])
-        for r in range(rows)
-    ]
+    heights = [max(_figure_height(f) for f in figures[r * columns : (r + 1) * columns]) for r in range(rows)]
     fig = MplFigure(figsize=(WIDTH * columns, sum(heights)), layout="constrained", dpi=100)
     subfigures = np.atleast_1d(fig.subfigures(rows, columns, height_ratios=heights)).reshape(-1)
-    for sub, figure in zip(subfigures, figures, strict=False):
+    for i, (sub, figure) in enumerate(zip(subfigures, figures, strict=False)):
+        own, row = _figure_height(figure), heights[i // columns]
+        if own < row:  # a shorter figure keeps its own height at the top of the row instead of being stretched
+            sub = sub.subfigures(2, 1, height_ratios=[own, row - own])[0]
         draw_figure(figure, sub)
     return fig
+
+
+def _figure_height(figure: Figure) -> float:
+    """Inches a figure needs at ``WIDTH``: its panels, the (wrapped) title and subtitle, and its caption lines."""
+    caption = _wrap(figure.caption)
+    title_lines = _wrap(figure.title, TITLE_WIDTH).count("\n")
+    panels = sum(_panel_height(p) for p in figure.panels)
+    return panels + 0.75 + 0.22 * title_lines + 0.17 * (caption.count("\n") + bool(caption))
 
 
 def draw_panel(panel: Panel, ax: Any = None) -> tuple[Any, Any, list[Artist]]:
@@ -125,7 +133,7 @@ def draw_panel(panel: Panel, ax: Any = None) -> tuple[Any, Any, list[Artist]]:
     draw = {Heatmap: _heatmap, Dots: _dots, Curves: _curves, Scatter: _scatter}[type(panel)]
     artists = draw(panel, ax)
     if panel.title:
-        ax.set_title(panel.title, fontsize=FONT)
+        ax.set_title(_wrap(panel.title, TITLE_WIDTH), fontsize=FONT)
     ax.tick_params(labelsize=SMALL)
     return ax.figure, ax, artists
 
@@ -487,5 +495,5 @@ def _panel_height(panel: Panel) -> float:
     return height + 0.075 * max(0, longest - 8)  # room for long rotated labels
 
 
-def _wrap(text: str) -> str:
-    return "\n".join(textwrap.wrap(text, width=70)) if text else ""
+def _wrap(text: str, width: int = 70) -> str:
+    return "\n".join(textwrap.wrap(text, width=width)) if text else ""
