@@ -134,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--localization", action="store_true", help="also measure spatial localization of the last layer (costly)"
     )
     cka.add_argument(
+        "--no-images",
+        action="store_true",
+        help="log no figures (no images, nothing for the CKA tab; the arrays and scalars keep every number)",
+    )
+    cka.add_argument(
         "--reduction", choices=REDUCTIONS, default="mean", help="what a layer output becomes (default: mean)"
     )
     cka.add_argument(
@@ -180,6 +185,7 @@ def make_monitor(args: argparse.Namespace, num_classes: int) -> CKAMonitor | Non
         reference_reduction=args.reference_reduction,
         linear_probe=args.linear_probe,
         localization=args.localization,
+        log_images=not args.no_images,
     )
 
 

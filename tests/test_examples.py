@@ -99,7 +99,7 @@ def test_checkpoint_of_one_run_is_the_reference_of_another(tmp_path):
     saved = torch.load(resnet["checkpoint"], weights_only=True)["state_dict"]
     assert torch.equal(rebuilt.layer4[1].conv2.weight, saved["model.layer4.1.conv2.weight"])
 
-    vit = run(tmp_path, "--reference", resnet["checkpoint"])
+    vit = run(tmp_path, "--reference", resnet["checkpoint"], "--no-images")
     with np.load(Path(vit["log_dir"]) / "cka" / "step_0000004.npz") as arrays:
         assert list(arrays["reference_layers"]) == [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
         assert arrays["reference"].shape == (6, 8) and np.isfinite(arrays["reference"]).all()
@@ -148,7 +148,7 @@ def test_presets_and_timm_names(name, expected):
             "vit_tiny_patch16_224",
             {"img_size": 32, "patch_size": 4, "num_classes": 10},
         ),
-        (["--reference", "none"], None, None),
+        (["--reference", "none", "--no-images"], None, None),
     ],
 )
 def test_monitor_flags(flags, reference, reference_kwargs):
@@ -157,6 +157,7 @@ def test_monitor_flags(flags, reference, reference_kwargs):
     assert monitor.layers == ["blocks.0", "blocks.1", "blocks.5"]
     assert (monitor.reference, monitor.reference_kwargs) == (reference, reference_kwargs)
     assert (monitor.every_n_train_steps, monitor.probe_size, monitor.batch_size) == (25, 256, 128)
+    assert monitor.log_images is ("--no-images" not in flags)
 
 
 def test_train_size_and_fraction_subsample_by_seed():
@@ -217,10 +218,12 @@ def test_lightning_s_cloud_logger_tip_is_not_printed(tmp_path):
 def test_small_vs_large_trains_seeds_of_both_and_compares_the_groups(tmp_path, capsys):
     small_vs_large = importlib.import_module("small_vs_large")
     args = ["--small", "0.05", "--large", "0.1", "--seeds", "2", "--out", str(tmp_path), *TINY, "--max-steps", "2"]
-    figure = small_vs_large.main(args)
+    figure = small_vs_large.main([*args, "--no-images"])  # drawing would take most of these tiny runs' time
     assert figure == tmp_path / "comparison.png" and figure.stat().st_size > 0
     for name in ("small-seed0", "small-seed1", "large-seed0", "large-seed1"):
         assert list((tmp_path / name / "version_0" / "cka").glob("step_*.npz"))
+    tags = events(tmp_path / "large-seed1" / "version_0").Tags()
+    assert not tags["images"] and not tags["tensors"] and "cka/offdiag_mean" in tags["scalars"]
     printed = capsys.readouterr().out
     assert "run 1/4: small (0.05 of the training set), seed 0" in printed and "run 4/4: large" in printed
     assert "plan: test_vit on digits (60 training images), 2 steps" in printed
