@@ -321,11 +321,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     timm_name, timm_kwargs = timm_spec(args.model, num_classes, model_kwargs(args))
     module = ImageClassifier(timm_name, timm_kwargs, args.lr, args.weight_decay, args.warmup_fraction)
     monitor = make_monitor(args, num_classes)
-    with quiet_lightning_tips():  # Lightning prints its cloud-logger tip when the Trainer is made
+    with warnings.catch_warnings(), quiet_lightning_tips():  # Lightning prints its tip when the Trainer is made
         trainer = make_trainer(args, monitor)
-    if trainer.is_global_zero:
-        print(plan(args, trainer, monitor, len(train_set)), flush=True)
-    with warnings.catch_warnings(), quiet_lightning_tips():
+        if trainer.is_global_zero:
+            print(plan(args, trainer, monitor, len(train_set)), flush=True)
         # In-memory digits need no loader workers, and Lightning logs every 10 global steps however short the epochs
         # of a small training set are; its suggestions otherwise would be noise, as are upstream deprecation notices
         # printed into the progress bar on every run.

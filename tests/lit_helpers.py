@@ -1,5 +1,7 @@
 """A small LightningModule and data for driving a real Trainer on CPU in tests."""
 
+from pathlib import Path
+
 import timm
 import torch
 from torch import nn
@@ -71,3 +73,9 @@ def lightning_module_class(base):
             return torch.optim.AdamW(self.parameters(), lr=self.lr)
 
     return LitClassifier
+
+
+def array_steps(log_dir, name=None):
+    """The steps of the probe files a monitor (named ``name``, or unnamed) wrote under ``log_dir``."""
+    folder = Path(log_dir) / "cka" / (name or "")
+    return sorted(int(p.stem.split("_")[1]) for p in folder.glob("step_*.npz") if p.is_file())

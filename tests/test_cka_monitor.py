@@ -6,7 +6,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.utilities.exceptions import MisconfigurationException
-from lit_helpers import lightning_module_class, loaders, make_model
+from lit_helpers import array_steps, lightning_module_class, loaders, make_model
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -43,11 +43,6 @@ def events(log_dir):
     acc = EventAccumulator(str(log_dir), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
     acc.Reload()
     return acc
-
-
-def array_steps(log_dir, name=None):
-    folder = Path(log_dir) / "cka" / (name or "")
-    return sorted(int(p.stem.split("_")[1]) for p in folder.glob("step_*.npz") if p.is_file())
 
 
 @pytest.fixture(scope="module")

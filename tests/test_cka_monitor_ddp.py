@@ -6,14 +6,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from lit_helpers import array_steps
 
 from lightning_cka import CKAResult
 
 HERE = Path(__file__).parent
-
-
-def array_steps(log_dir):
-    return sorted(int(p.stem.split("_")[1]) for p in (Path(log_dir) / "cka").glob("step_*.npz") if p.is_file())
 
 
 def test_ddp_two_processes_write_the_same_arrays_as_one_and_report_a_failure_on_rank_1(tmp_path):

@@ -305,6 +305,15 @@ def test_garbage_tensor_is_a_json_error_and_history_skips_it(tmp_path):
     assert body["steps"] == [0]
 
 
+def test_a_figure_under_its_old_and_its_current_tag_is_read_from_the_current_one(tmp_path):
+    write_run(tmp_path / "run", steps=(0, 5))  # under cka/intra/figure
+    writer = SummaryWriter(str(tmp_path / "run"))
+    writer._get_file_writer().add_summary(figure_summary(probe_figures(9)[0]), 9)  # the bare tag of older versions
+    writer.close()
+    client, _ = client_for(tmp_path)
+    assert get(client, "steps", run="run", tag="cka/intra")[1]["steps"] == [0, 5]
+
+
 def test_newer_metadata_version_is_skipped(tmp_path):
     summary = figure_summary(probe_figures(0)[0])
     summary.value[0].metadata.plugin_data.content = b'{"version": 2}'

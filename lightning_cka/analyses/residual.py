@@ -235,7 +235,7 @@ _CHUNK_ELEMENTS = 1 << 20  # 4 MiB of float32: the scratch one chunk's norms may
 
 def _chunk_images(x: Tensor) -> int:
     """Images per chunk: vecdot materializes the squared activation, which must not add an activation to the peak."""
-    return max(1, _CHUNK_ELEMENTS // max(1, x[0].numel())) if x.ndim else 1
+    return max(1, _CHUNK_ELEMENTS // max(1, x[0].numel()))
 
 
 def _channel_norms(x: Tensor, maps: bool) -> Tensor:

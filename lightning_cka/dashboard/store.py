@@ -122,7 +122,8 @@ class FigureStore:
         runs: dict[str, dict[str, FigureTag]] = {}
         skipped = []
         for run_name, tags in (listing or {}).items():
-            for tag_name, series in tags.items():
+            # a figure under both tags (an old run exported again) is read from its current one, listed last
+            for tag_name, series in sorted(tags.items(), key=lambda item: item[0] != figure_tag(item[0])):
                 version = _metadata_version(series.plugin_content)
                 if version is None or version > METADATA_VERSION:
                     reason = f"metadata version {version}" if version else "unreadable metadata"
