@@ -8,7 +8,7 @@ The fields are declared where they are computed (``lightning_cka.result.PROBE_FI
 
 from pathlib import Path
 
-from lightning_cka.analyses import ANALYSES
+from lightning_cka.analyses import builtin_analyses
 from lightning_cka.result import PROBE_FIELDS
 
 PAGE = Path(__file__).parent / "tags" / "arrays.md"
@@ -26,7 +26,7 @@ KINDS = {
 def table() -> str:
     """The Markdown table: one row per field, grouped by where it comes from."""
     rows = ["| key | type | content | from |", "| --- | --- | --- | --- |"]
-    groups = [("the probe", PROBE_FIELDS), *((f"`{a.__name__}` ({a.name})", a.fields) for a in ANALYSES)]
+    groups = [("the probe", PROBE_FIELDS), *((f"`{a.__name__}` ({a.name})", a.fields) for a in builtin_analyses())]
     for source, fields in groups:
         for field in fields:
             key = f"`{field.key}`" + (f", `reference_{field.key}`" if field.per_model else "")

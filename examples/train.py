@@ -28,8 +28,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_cka import CKAMonitor
-from lightning_cka.reference import describe_reference
+from lightning_cka import CKAMonitor, Reference
 from lightning_cka.taps.grams import REDUCTIONS
 
 DEFAULT_MODEL, DEFAULT_STEPS = "vit_mini_patch4", 300
@@ -173,18 +172,19 @@ def make_monitor(args: argparse.Namespace, num_classes: int) -> CKAMonitor | Non
     elif not Path(reference).is_file():
         reference, reference_kwargs = timm_spec(reference, num_classes)
     layers = [name for entry in args.layers for name in entry.split(",") if name] if args.layers else "auto"
+    analyses = ["default", *(["linear_probe"] if args.linear_probe else []), *(["localization"] * args.localization)]
+    if reference is not None:
+        reference = Reference(
+            reference, weights=args.reference_weights, kwargs=reference_kwargs, reduction=args.reference_reduction
+        )
     return CKAMonitor(
         every_n_train_steps=args.cka_every,
+        analyses=analyses,
         probe_size=args.probe_size,
         batch_size=args.cka_batch_size,
         layers=layers,
         reduction=args.reduction,
         reference=reference,
-        reference_weights=args.reference_weights,
-        reference_kwargs=reference_kwargs,
-        reference_reduction=args.reference_reduction,
-        linear_probe=args.linear_probe,
-        localization=args.localization,
         log_images=not args.no_images,
     )
 
@@ -264,8 +264,7 @@ def plan(args: argparse.Namespace, trainer: pl.Trainer, monitor: CKAMonitor | No
         probes = f"~{1 + int(steps) // args.cka_every}" if isinstance(steps, int) else "several"
         reference = "no reference"
         if monitor.reference is not None:
-            label = describe_reference(monitor.reference, monitor.reference_weights, False)[0]
-            reference = f"reference {label}"
+            reference = f"reference {monitor.reference.describe()[0]}"
         parts.append(f"a probe of {args.probe_size} images every {args.cka_every} steps ({probes} probes), {reference}")
     parts.append(f"logs in {trainer.logger.log_dir}")
     return "; ".join(parts)

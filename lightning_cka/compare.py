@@ -1,15 +1,17 @@
 """One-shot analysis of trained models: every analysis of a probe, on one model or a model and a reference."""
 
 import json
+import warnings
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 
-from lightning_cka.analyses import build_analyses
+from lightning_cka.analyses import resolve_analyses
+from lightning_cka.engine import options
+from lightning_cka.engine.analysis import Analysis
 from lightning_cka.engine.engine import ProbeBatch, ProbeEngine
 from lightning_cka.engine.models import ProbedModel
-from lightning_cka.engine.options import ProbeOptions, Switch
-from lightning_cka.functional.estimate import Weighting
 from lightning_cka.probe_data.batches import MIN_BATCH, iterate_batches
 from lightning_cka.probe_data.sample import ProbeHasher
 from lightning_cka.result import CKAResult
@@ -22,6 +24,7 @@ def compare_models(
     model_b: nn.Module | None = None,
     *,
     data: Any,
+    analyses: Sequence[Analysis | str] | None = None,
     layers_a: LayerSpec = "auto",
     layers_b: LayerSpec = "auto",
     batch_size: int = 128,
@@ -30,15 +33,6 @@ def compare_models(
     input_key: str | None = None,
     label_key: str | None = None,
     label_b: str = "",
-    attention: Switch = "auto",
-    heads: Switch = "auto",
-    residual: Switch = "auto",
-    localization: bool = False,
-    localization_layer: str | None = None,
-    linear_probe: bool = False,
-    rank: bool = True,
-    permutations: int = 19,
-    minibatch_weights: Weighting = "equal",
     seed: int = 0,
 ) -> CKAResult:
     """Every analysis of a probe on model A, and A against model B: CKA with error bars, attention, the rest.
@@ -48,8 +42,7 @@ def compare_models(
     B together. The HSIC sums run over **all** minibatches (Nguyen et al. 2021) and are normalized once at the end;
     the sums are kept per minibatch for the jackknife standard errors. Token outputs ``(n, T, D)`` are compared across
     images (flattened per image), not as per-image token Grams. The models run in eval mode without autograd and are
-    left exactly as they were; wrap the call in ``torch.autocast`` to probe in mixed precision. The analysis options
-    are those of :class:`lightning_cka.CKAMonitor`, with the same names and defaults.
+    left exactly as they were; wrap the call in ``torch.autocast`` to probe in mixed precision.
 
     Args:
         model_a: the model whose layers are the rows of every matrix.
@@ -64,16 +57,10 @@ def compare_models(
         reduction_b: the same for B (default: ``reduction``).
         input_key: key of the images in dict batches.
         label_key: key of the labels in dict batches.
+        analyses: what to measure, as :class:`lightning_cka.CKAMonitor` takes it (default: ``cka``, ``attention``,
+            ``heads``, ``residual`` and ``rank``; e.g. ``["default", "linear_probe"]``). An analysis named here that
+            does not apply to the models, or fails on them, is left out with a warning.
         label_b: how figures name model B (default: its class name).
-        attention: mean attention distance and entropy per head (see :class:`lightning_cka.CKAMonitor`).
-        heads: CKA of every attention head with every layer of B.
-        residual: skip-connection norm ratios per block.
-        localization: CKA of token positions with input-patch positions.
-        localization_layer: the layer whose tokens are localized (default: A's last monitored layer).
-        linear_probe: ridge probes of the labels at every layer (needs labels).
-        rank: effective rank of every layer.
-        permutations: permutations of the CKA null per minibatch (19: the 5% test; 0: none).
-        minibatch_weights: ``"equal"`` or ``"size"`` weighting of minibatches in the HSIC sums.
         seed: seed of the permutations.
 
     Returns:
@@ -88,25 +75,17 @@ def compare_models(
         >>> result.intra.shape, result.reference.shape, result.mean_attention_distance.shape
         ((6, 6), (6, 4), (6, 2))
     """
-    if not isinstance(batch_size, int) or batch_size < MIN_BATCH:
-        raise ValueError(f"batch_size must be at least 4 for the unbiased CKA estimator, got {batch_size!r}.")
-    options = ProbeOptions(
-        attention=attention,
-        heads=heads,
-        residual=residual,
-        localization=localization,
-        localization_layer=localization_layer,
-        linear_probe=linear_probe,
-        rank=rank,
-        permutations=permutations,
-        minibatch_weights=minibatch_weights,
-        seed=seed,
-    )
+    batch_size = options.integer("compare_models", "batch_size", batch_size, MIN_BATCH, hint="CKA needs 4 examples")
+    resolved = resolve_analyses(analyses)
     models = [ProbedModel("model", model_a, layers_a, reduction)]
     if model_b is not None:
         label = label_b or type(model_b).__name__
         models.append(ProbedModel("reference", model_b, layers_b, reduction_b or reduction, label=label))
-    engine = ProbeEngine(models, build_analyses(options))
+    engine = ProbeEngine(models, [analysis for analysis, _ in resolved], seed=seed)
+    named = {analysis.name for analysis, explicit in resolved if explicit}
+    for name, reason in engine.skipped.items():
+        if name in named:
+            warnings.warn(f"compare_models: the {name} analysis is left out: {reason}.", UserWarning, stacklevel=2)
     minibatches, count = iterate_batches(data, batch_size, input_key, label_key)
     if count is None:  # an iterable without a length: the per-minibatch states need the count up front
         minibatches = list(minibatches)
@@ -116,10 +95,23 @@ def compare_models(
     engine.run(batches, max(count, 1), models[0].device)
     if hasher.count == 0:
         raise ValueError("data yielded no minibatch of at least 4 examples.")
-    fields = engine.compute()
-    settings = {"options": options.as_dict(), "reduction": reduction, "reference_reduction": reduction_b or reduction}
+    failed = {name: repr(err) for name, err in engine.failures.items()}
+    fields = engine.compute(skip=list(failed))
+    failed |= {name: repr(err) for name, err in engine.finalize_failures.items()}
+    for name, error in failed.items():
+        warnings.warn(
+            f"compare_models: the {name} analysis failed ({error}) and is left out.", UserWarning, stacklevel=2
+        )
+    settings = {
+        "layers": layers_a if isinstance(layers_a, str) else list(layers_a),
+        "reduction": reduction,
+        "reference": None if model_b is None else {"layers": layers_b, "reduction": reduction_b or reduction},
+        "batch_size": batch_size,
+        "seed": seed,
+        "left_out": {**engine.skipped, **failed},
+    }
     fields |= {"num_examples": hasher.count, "probe_hash": hasher.hexdigest(), "settings": json.dumps(settings)}
-    return CKAResult(fields)
+    return CKAResult(fields, analyses=engine.result_analyses(skip=list(failed)))
 
 
 def _numbered(minibatches: Any, hasher: ProbeHasher) -> Any:

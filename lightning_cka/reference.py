@@ -1,5 +1,9 @@
-"""Building a frozen reference model from a timm name, a weights file or a Lightning checkpoint."""
+"""The reference model of a probe: what it is, how figures name it, and how it is built, frozen.
 
+Building it leaves every RNG as it was.
+"""
+
+import os
 from pathlib import Path
 from typing import Any
 
@@ -8,11 +12,106 @@ import torch
 from torch import nn
 
 from lightning_cka import models as _models  # noqa: F401  (checkpoints may name resnet18_cifar)
+from lightning_cka.engine import options as check
+from lightning_cka.engine.analysis import json_ready
+from lightning_cka.taps.grams import REDUCTIONS, Reduction
+from lightning_cka.taps.layers import LayerSpec
+from lightning_cka.taps.probe_mode import preserved_rng
+
+
+class Reference:
+    """A frozen model to compare with (the columns of ``cka/reference``), and how to build it.
+
+    Args:
+        model: an ``nn.Module`` (used as is); a timm model name (created with ``timm.create_model``); or the path
+            (``str`` or ``os.PathLike``) of a Lightning checkpoint whose hyperparameters name its timm architecture as
+            ``timm_name`` (and ``timm_kwargs``), as ``examples/train.py`` saves them.
+        weights: weights for a named model: a state dict file or a (Lightning) checkpoint of another run.
+        pretrained: let timm download its pretrained weights for a named model (needs internet).
+        kwargs: keyword arguments for ``timm.create_model`` of a named model (``num_classes``, ``img_size``, ...).
+        layers: ``"auto"`` or names / glob patterns, see :func:`lightning_cka.find_layers`.
+        reduction: what each reference layer's output becomes before its Gram (default: the model's reduction; a CNN
+            next to a ``"cls"`` model takes ``"mean"``).
+
+    Raises:
+        ValueError: naming the argument and what it takes.
+
+    Example:
+        >>> Reference("resnet18", weights="runs/resnet/version_0/checkpoints/last.ckpt").settings()["weights"]
+        'runs/resnet/version_0/checkpoints/last.ckpt'
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | str | os.PathLike,
+        weights: str | os.PathLike | None = None,
+        pretrained: bool = False,
+        kwargs: dict[str, Any] | None = None,
+        layers: LayerSpec = "auto",
+        reduction: Reduction | None = None,
+    ) -> None:
+        owner = "Reference"
+        if isinstance(model, os.PathLike):
+            model = os.fspath(model)
+        if not isinstance(model, nn.Module | str) or model == "":
+            raise ValueError(
+                f"{owner}: model must be an nn.Module, a timm model name or a checkpoint path, got "
+                f"{type(model).__name__} {model!r}."
+            )
+        if isinstance(weights, os.PathLike):
+            weights = os.fspath(weights)
+        if weights is not None and (not isinstance(weights, str) or not weights):
+            raise ValueError(f"{owner}: weights must be a file path (str or os.PathLike), got {weights!r}.")
+        pretrained = check.flag(owner, "pretrained", pretrained)
+        if kwargs is not None:
+            if not isinstance(kwargs, dict):
+                raise ValueError(f"{owner}: kwargs must be a dict of timm.create_model arguments, got {kwargs!r}.")
+            json_ready(f"{owner}: kwargs", kwargs)
+        if isinstance(model, nn.Module) and (weights is not None or pretrained or kwargs):
+            raise ValueError(f"{owner}: weights, pretrained and kwargs apply to a model given by name or checkpoint.")
+        self.model, self.weights, self.pretrained, self.kwargs = model, weights, pretrained, kwargs
+        self.layers = check.layer_spec(owner, "layers", layers)
+        self.reduction = check.choice(owner, "reduction", reduction, (*REDUCTIONS, None))
+
+    @classmethod
+    def of(cls, value: "Reference | nn.Module | str | os.PathLike | None") -> "Reference | None":
+        """``value`` as a :class:`Reference` (a module, name or path becomes one with default options)."""
+        if value is None or isinstance(value, Reference):
+            return value
+        return cls(value)
+
+    def describe(self) -> tuple[str, bool]:
+        """How figures name the reference, and whether it is an untrained timm model (:func:`describe_reference`)."""
+        return describe_reference(self.model, self.weights, self.pretrained)
+
+    def build(self, device: torch.device | str = "cpu") -> nn.Module:
+        """The frozen reference on ``device``, built without drawing from any global RNG.
+
+        A timm model's random initialization included: the training run's random stream is left where it was.
+        """
+        with preserved_rng():
+            module = load_reference(self.model, self.weights, self.pretrained, self.kwargs)
+        return module.to(device)
+
+    def settings(self) -> dict[str, Any]:
+        """The reference as plain types, for checkpoints and probe files (a module is named by its class)."""
+        model = self.model if isinstance(self.model, str) else f"<{type(self.model).__name__} module>"
+        return {
+            "model": model,
+            "weights": self.weights,
+            "pretrained": self.pretrained,
+            "kwargs": self.kwargs,
+            "layers": self.layers if isinstance(self.layers, str) else list(self.layers),
+            "reduction": self.reduction,
+        }
+
+    def __repr__(self) -> str:
+        return f"Reference({', '.join(f'{k}={v!r}' for k, v in self.settings().items())})"
 
 
 def load_reference(
-    reference: nn.Module | str | Path,
-    weights: str | Path | None = None,
+    reference: nn.Module | str | os.PathLike,
+    weights: str | os.PathLike | None = None,
     pretrained: bool = False,
     model_kwargs: dict[str, Any] | None = None,
 ) -> nn.Module:
@@ -35,11 +134,11 @@ def load_reference(
         ValueError: unknown timm name, or a weights file that does not fit the model (the message names missing and
             unexpected keys).
     """
-    if isinstance(reference, str | Path) and Path(reference).is_file():
+    if isinstance(reference, str | os.PathLike) and Path(reference).is_file():
         if weights is not None:
             raise ValueError(f"reference {reference} is already a checkpoint; leave reference_weights out.")
         name, saved_kwargs = _architecture(Path(reference))
-        reference, weights, model_kwargs = name, reference, {**saved_kwargs, **(model_kwargs or {})}
+        reference, weights, model_kwargs = name, os.fspath(reference), {**saved_kwargs, **(model_kwargs or {})}
     if isinstance(reference, str):
         if not timm.is_model(reference):
             raise ValueError(

@@ -1,22 +1,31 @@
 """One probe's results as named fields, with the ``.npz`` layout shared by the monitor, the CLI and the one-shot API.
 
-The fields are declared where they are computed: the probe's own below (:data:`PROBE_FIELDS`), every analysis's in its
-class (``lightning_cka.analyses``). A field the probe did not measure is ``None``, never an empty placeholder.
+A result knows the analyses that made it; their classes declare the fields (the probe's own are below,
+:data:`PROBE_FIELDS`). A probe file records its analyses (class, options and field declarations), so reading it needs
+no list of analyses kept anywhere, and imports neither torch nor timm. A field the probe did not measure is ``None``,
+never an empty placeholder.
 """
 
 import json
 import os
-import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lightning_cka.engine.analysis import Field, View
+from lightning_cka.engine.analysis import (
+    Analysis,
+    Field,
+    UnresolvedAnalysis,
+    View,
+    declared_anywhere,
+    field_to_json,
+    from_record,
+)
+from lightning_cka.probe_file import FORMAT_VERSION, FieldError, check_shapes, decode, encode, read_arrays, write_arrays
 
-FORMAT_VERSION = 2
 PROBE_FIELDS = (
     Field("layers", "names", "(L,) names of the monitored layers", per_model=True),
     Field(
@@ -27,24 +36,16 @@ PROBE_FIELDS = (
     Field("num_examples", "int", "probe images used"),
     Field("run", "text", "the run the probe belongs to (logger name/version)"),
     Field("probe_hash", "text", "SHA-1 of the probe images (equal hashes: the same images in the same order)"),
-    Field("probe_indices", "ints", "(N,) dataset indices of the probe images, when drawn from a dataset"),
-    Field("settings", "text", "JSON: the options and reductions the probe ran with"),
-    Field("format_version", "int", "version of this file layout (2; files without it are version 1)"),
+    Field(
+        "probe_indices",
+        "ints",
+        "(N,) dataset indices of the probe images, when drawn from a dataset",
+        shape=("num_examples",),
+    ),
+    Field("settings", "text", "JSON: what the probe ran with (layers, reductions, minibatch size, probe source, ...)"),
 )
 _DEFAULTS = {"step": -1, "epoch": -1, "num_examples": 0}
-
-
-def all_fields() -> dict[str, Field]:
-    """Every field a probe file can hold, by key (per-model fields also under ``reference_<key>``)."""
-    from lightning_cka.analyses import ANALYSES
-
-    declared = [*PROBE_FIELDS, *(f for analysis in ANALYSES for f in analysis.fields)]
-    out: dict[str, Field] = {}
-    for f in declared:
-        out[f.key] = f
-        if f.per_model:
-            out[f"reference_{f.key}"] = f
-    return out
+_RECORD_KEYS = ("format_version", "analyses")  # stored beside the fields: the layout and the analyses' records
 
 
 class CKAResult:
@@ -57,6 +58,8 @@ class CKAResult:
 
     Args:
         fields: field values by key.
+        analyses: the analyses that made the fields (they declare them and draw them). Default: every built-in
+            analysis with its default options.
         values: more field values as keywords.
 
     Example:
@@ -66,12 +69,23 @@ class CKAResult:
         ((2, 2), True, -1)
     """
 
-    def __init__(self, fields: Mapping[str, Any] | None = None, /, **values: Any) -> None:
+    def __init__(
+        self, fields: Mapping[str, Any] | None = None, /, *, analyses: Sequence[Analysis] | None = None, **values: Any
+    ) -> None:
+        if analyses is None:
+            from lightning_cka.analyses import builtin_analyses
+
+            analyses = [cls() for cls in builtin_analyses()]
+        schema = _schema(analyses)
         merged = {**(fields or {}), **values}
-        known = all_fields()
-        unknown = sorted(set(merged) - set(known))
+        unknown = sorted(set(merged) - set(schema))
         if unknown:
-            raise TypeError(f"CKAResult has no field(s) {unknown}; see docs/tags/arrays.md for the fields.")
+            raise TypeError(
+                f"CKAResult has no field(s) {unknown} (its analyses: {', '.join(a.name for a in analyses)}); see "
+                "docs/tags/arrays.md for the fields."
+            )
+        object.__setattr__(self, "_analyses", tuple(analyses))
+        object.__setattr__(self, "_schema", schema)
         object.__setattr__(self, "_values", {k: v for k, v in merged.items() if v is not None})
 
     def __getattr__(self, name: str) -> Any:
@@ -82,12 +96,12 @@ class CKAResult:
             return values[name]
         if name in _DEFAULTS:
             return _DEFAULTS[name]
-        if name in all_fields():
+        if name in self.__dict__["_schema"] or declared_anywhere(name):  # a field of an analysis this probe did not run
             return None
         raise AttributeError(f"CKAResult has no field {name!r}; see docs/tags/arrays.md for the fields.")
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name not in all_fields():
+        if name not in self._schema:
             raise AttributeError(f"CKAResult has no field {name!r}; see docs/tags/arrays.md for the fields.")
         if value is None:
             self._values.pop(name, None)
@@ -103,6 +117,20 @@ class CKAResult:
     def __repr__(self) -> str:
         return f"CKAResult(step={self.step}, fields={sorted(self._values)})"
 
+    @property
+    def analyses(self) -> tuple[Analysis, ...]:
+        """The analyses that made this probe, in the order of their figures."""
+        return self._analyses
+
+    @property
+    def schema(self) -> dict[str, Field]:
+        """The declaration of every field this result can hold, by key (per-model fields also as ``reference_*``)."""
+        return dict(self._schema)
+
+    def analysis(self, name: str) -> Analysis | None:
+        """The analysis called ``name`` that made this probe, or ``None``."""
+        return next((a for a in self._analyses if a.name == name), None)
+
     def get(self, key: str, default: Any = None) -> Any:
         """The field ``key``, or ``default`` when the probe did not measure it."""
         return self._values.get(key, default)
@@ -116,92 +144,103 @@ class CKAResult:
         if role == "model":
             return self
         prefix = f"{role}_"
-        per_model = {key for key, f in all_fields().items() if f.per_model and not key.startswith(prefix)}
+        per_model = {f.key for f in self._schema.values() if f.per_model}
         shared = {f.key for f in PROBE_FIELDS if not f.per_model}
         values = {key: self._values[key] for key in shared if key in self._values}
         values |= {key: self._values[prefix + key] for key in per_model if prefix + key in self._values}
-        return CKAResult(values)
+        return CKAResult(values, analyses=self._analyses)
 
     def settings_dict(self) -> dict[str, Any]:
-        """The probe's settings (options, reductions, layers) as a dict; empty for files written before version 2."""
+        """The probe's settings (layers, reductions, minibatch size, probe source, ...) as a dict; empty if unknown."""
         return json.loads(self.settings) if self.settings else {}
 
     # ------------------------------------------------------------------------------------------------------ file I/O
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | os.PathLike) -> Path:
         """Write the ``.npz`` atomically (a temporary file renamed into place) and return its path.
 
-        A kill mid-write leaves the temporary file (``.<name>.<pid>.tmp``), never a truncated file under the final
-        name; parent directories are created.
+        The file records the analyses (class, options, field declarations) beside their fields. A kill mid-write
+        leaves the temporary file (``.<name>.<pid>.tmp``), never a truncated file under the final name.
         """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        known = all_fields()
-        arrays = {"format_version": np.asarray(FORMAT_VERSION, dtype=np.int64)}
+        records = [
+            {**analysis.describe(), "fields": [field_to_json(f) for f in analysis.fields]} for analysis in self.analyses
+        ]
+        arrays = {"format_version": encode(Field("format_version", "int", ""), FORMAT_VERSION)}
+        arrays["analyses"] = encode(Field("analyses", "text", ""), json.dumps(records))
         for key, value in self._values.items():
-            arrays[key] = _encode(known[key].kind, value)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with temporary.open("wb") as fh:
-                np.savez(fh, **arrays)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(temporary, path)
-        finally:
-            temporary.unlink(missing_ok=True)
-        return path
+            arrays[key] = encode(self._schema[key], value)
+        return write_arrays(path, arrays)
 
     @classmethod
-    def load(cls, path: str | Path) -> "CKAResult":
-        """Read a ``.npz`` written by :meth:`save` or ``CKAMonitor`` (also files of lightning-cka 0.1, version 1).
+    def load(cls, path: str | os.PathLike) -> "CKAResult":
+        """Read a ``.npz`` written by :meth:`save` or ``CKAMonitor`` (also the files of lightning-cka 0.1).
+
+        Every field is checked against its declaration (kind, dtype, and a shape that agrees with the layer lists)
+        and no array is allocated before its size is checked against the file.
 
         Raises:
-            ValueError: the file is empty, truncated, not a probe file, or written by a newer lightning-cka (the
-                message says which).
+            ValueError: the file cannot be read, is not a probe file, was written by a newer lightning-cka, or holds a
+                field that does not match its declaration (the message names the file and the field).
         """
-        path = Path(path)
         try:
-            with np.load(path, allow_pickle=False) as data:
-                raw = {key: data[key] for key in data.files}
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-            raise ValueError(f"{path} cannot be read ({type(err).__name__}: {err}); it may be cut short.") from err
-        if not {"layers", "intra"} <= set(raw):
-            raise ValueError(f"{path} is not a lightning-cka probe file: it lacks 'layers' and 'intra'.")
-        version = int(raw.pop("format_version", 1))
+            return cls._from_arrays(read_arrays(path))
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from err
+
+    @classmethod
+    def _from_arrays(cls, raw: dict[str, Any]) -> "CKAResult":
+        if "layers" not in raw:
+            raise ValueError("not a lightning-cka probe file: it has no 'layers'")
+        version = decode(Field("format_version", "int", ""), "format_version", raw.pop("format_version", np.asarray(1)))
         if version > FORMAT_VERSION:
             raise ValueError(
-                f"{path} was written by a newer lightning-cka (file format {version}, this one reads up to "
-                f"{FORMAT_VERSION}): upgrade lightning-cka."
+                f"written by a newer lightning-cka (file format {version}, this one reads up to {FORMAT_VERSION}): "
+                "upgrade lightning-cka"
             )
-        known = all_fields()
+        if "analyses" in raw:
+            records = json.loads(decode(Field("analyses", "text", ""), "analyses", raw.pop("analyses")) or "[]")
+            if not isinstance(records, list) or not all(isinstance(r, Mapping) for r in records):
+                raise FieldError("analyses", "is not a list of analysis records")
+            analyses = [from_record(record) for record in records]
+        else:  # files of lightning-cka 0.1 and 0.2: the analyses of those versions, with the options they stored
+            from lightning_cka.analyses.legacy import legacy_analyses
+
+            settings = raw.get("settings")
+            analyses = legacy_analyses(json.loads(str(settings)) if settings is not None and str(settings) else {})
+        schema = _schema(analyses)
         values = {}
-        for key, value in raw.items():
-            if key in known:
-                decoded = _decode(known[key].kind, value)
-                if decoded is not None:
-                    values[key] = decoded
-        return cls(values)
+        for key, array in raw.items():
+            if key in schema:
+                value = decode(schema[key], key, array)
+                if value is not None:
+                    values[key] = value
+        check_shapes(schema, values)
+        return cls(values, analyses=analyses)
 
     # ------------------------------------------------------------------------------------------------- pictures, tags
 
     def figures(self, previous: "CKAResult | None" = None, view: View | None = None) -> list:
         """Every figure of this probe (:class:`lightning_cka.figures.spec.Figure`), as the monitor logs them."""
-        from lightning_cka.analyses import ANALYSES
-
         view = view or View(run=self.run or "")
         meta = {"step": self.step, "run": view.run, "probe": self.probe_hash or "", "num_examples": self.num_examples}
         return [
             replace(figure, meta={**meta, **figure.meta})
-            for analysis in ANALYSES
+            for analysis in self.analyses
             for figure in analysis.figures(self, previous, view)
         ]
 
     def scalars(self, view: View | None = None) -> dict[str, float]:
         """The probe's headline numbers by tag, as the monitor logs them."""
-        from lightning_cka.analyses import ANALYSES
-
         view = view or View(run=self.run or "")
-        return {tag: value for analysis in ANALYSES for tag, value in analysis.scalars(self, view).items()}
+        return {tag: value for analysis in self.analyses for tag, value in analysis.scalars(self, view).items()}
+
+    def unresolved(self) -> list[str]:
+        """Why analyses of this probe draw nothing here (their classes could not be imported), one line each."""
+        return [
+            f"{a.name} ({a.record.get('class')}): {a.reason}"
+            for a in self.analyses
+            if isinstance(a, UnresolvedAnalysis)
+        ]
 
     def plot(self, previous: "CKAResult | None" = None, view: View | None = None) -> Any:
         """One matplotlib figure with every figure of this probe, one row each."""
@@ -210,28 +249,12 @@ class CKAResult:
         return draw_figures(self.figures(previous, view))
 
 
-def _encode(kind: str, value: Any) -> np.ndarray:
-    if kind == "names":
-        return np.asarray(list(value), dtype=str).reshape(-1)
-    if kind == "text":
-        return np.asarray(str(value), dtype=str)
-    if kind == "int":
-        return np.asarray(int(value), dtype=np.int64)
-    if kind == "ints":
-        return np.asarray(value, dtype=np.int64).reshape(-1)
-    return np.asarray(value, dtype=np.float64)
-
-
-def _decode(kind: str, value: np.ndarray) -> Any:
-    """A stored array as its field value; ``None`` for what version-1 files wrote for "absent"."""
-    if kind == "names":
-        return [str(v) for v in value] if value.size else None
-    if kind == "text":
-        return str(value) if str(value) else None
-    if kind == "int":
-        return int(value)
-    if kind == "ints":
-        return value.astype(np.int64) if value.size else None
-    if kind == "float":
-        return None if np.isnan(value) else float(value)
-    return value if value.size else None  # version 1 wrote absent matrices as empty arrays
+def _schema(analyses: Sequence[Analysis]) -> dict[str, Field]:
+    out: dict[str, Field] = {}
+    for f in (*PROBE_FIELDS, *(f for analysis in analyses for f in analysis.fields)):
+        if f.key in _RECORD_KEYS:
+            raise ValueError(f"field name {f.key!r} is reserved by the probe file layout.")
+        out[f.key] = f
+        if f.per_model:
+            out[f"reference_{f.key}"] = f
+    return out

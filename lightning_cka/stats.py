@@ -7,6 +7,9 @@ from collections.abc import Callable
 
 import numpy as np
 
+NULL_LEVEL = 0.05  # the level of the permutation-null thresholds
+WEIGHTINGS = ("equal", "size")  # how minibatches count in the minibatch CKA sums
+
 
 def nanmean(values: np.ndarray) -> float:
     """Mean of the finite values; NaN when there are none."""

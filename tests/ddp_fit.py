@@ -27,11 +27,20 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--probe-size", type=int, default=40)
     args = parser.parse_args()
     torch.set_num_threads(1)  # the same float32 summation order in every process, so both runs compare exactly
     pl.seed_everything(0, workers=True)
     reference = make_model("test_resnet")
-    monitor = FailsOnRank1(every_n_train_steps=2, probe_size=40, batch_size=8, reference=reference, log_images=False)
+    # Every analysis: with --probe-size 8 there is one minibatch, so rank 1 has none and must still take part.
+    monitor = FailsOnRank1(
+        every_n_train_steps=2,
+        probe_size=args.probe_size,
+        batch_size=8,
+        reference=reference,
+        log_images=False,
+        analyses=["default", "localization", "linear_probe"],
+    )
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=args.devices,
@@ -46,7 +55,7 @@ def main() -> None:
     )
     # lr=0: the weights stay put, so every probe of the two runs must agree (DDP training itself is not under test).
     lit = lightning_module_class(pl.LightningModule)(lr=0.0)
-    train, val = loaders(batch_size=8 // args.devices, shuffle=False, n_val=40)  # same global batch as one process
+    train, val = loaders(batch_size=8 // args.devices, shuffle=False, n_val=max(40, args.probe_size))  # same batch
     trainer.fit(lit, train, val)
 
 

@@ -10,13 +10,11 @@ import torch
 from scipy.stats import spearmanr
 from torch import nn
 
-import lightning_cka.analyses as analyses_module
 from lightning_cka.analyses import AttentionStats, LayerCKA
 from lightning_cka.analyses.heads import HeadCKA
 from lightning_cka.engine.analysis import View
 from lightning_cka.engine.engine import ProbeBatch, ProbeEngine
 from lightning_cka.engine.models import ProbedModel
-from lightning_cka.engine.options import ProbeOptions
 from lightning_cka.figures.render import draw_figure
 from lightning_cka.figures.spec import Scatter, from_json, to_json
 from lightning_cka.result import CKAResult
@@ -54,12 +52,21 @@ def images(dtype=torch.float32, count=BATCH * MINIBATCHES):
     return torch.randn(count, 3, 64, 64, generator=torch.Generator().manual_seed(3)).to(dtype)
 
 
-def run(model, reference, x, *, reduction="flatten", ref_reduction="flatten", ref_layers="auto", analyses=None, **opt):
-    options = ProbeOptions(**{"permutations": 0, **opt})
+def run(
+    model,
+    reference,
+    x,
+    *,
+    reduction="flatten",
+    ref_reduction="flatten",
+    ref_layers="auto",
+    analyses=None,
+    permutations=0,
+):
     probed = [ProbedModel("model", model, "auto", reduction)]
     if reference is not None:
         probed.append(ProbedModel("reference", reference, ref_layers, ref_reduction, frozen=True))
-    engine = ProbeEngine(probed, [a(options) for a in (analyses or [HeadCKA])])
+    engine = ProbeEngine(probed, analyses or [HeadCKA(permutations=permutations)])
     count = x.shape[0] // BATCH
     batches = [ProbeBatch(i, i * BATCH, x[i * BATCH : (i + 1) * BATCH]) for i in range(count)]
     engine.run(batches, num_minibatches=count, device=torch.device("cpu"))
@@ -253,20 +260,24 @@ def test_heads_pad_with_nan_where_a_layer_has_fewer_heads(models):
 
 def test_bind_rules(models):
     vit, resnet = models["test_vit"], models["resnet"]
-    with pytest.raises(ValueError, match="reference"):
-        run(vit, None, images(), heads=True)
-    with pytest.raises(ValueError, match="no timm Attention"):
-        run(resnet, resnet, images(), heads=True)
-    for model, reference, setting in ((vit, None, "auto"), (resnet, resnet, "auto"), (vit, resnet, False)):
-        options = ProbeOptions(heads=setting)
-        probed = [ProbedModel("model", model)] + ([ProbedModel("reference", reference)] if reference else [])
-        assert ProbeEngine(probed, [HeadCKA(options)]).analyses == []
+    # Where it does not apply, the engine leaves it out and says why (no error: the other analyses go on).
+    for model, reference, reason in ((vit, None, "reference"), (resnet, resnet, "no timm Attention")):
+        engine = run(model, reference, images())
+        assert engine.analyses == [] and list(engine.skipped) == ["heads"]
+        assert reason in engine.skipped["heads"]
+        assert engine.failures == {} and not any(key.startswith("head_") for key in engine.compute())
     probed = [ProbedModel("model", vit), ProbedModel("reference", resnet)]
-    assert len(ProbeEngine(probed, [HeadCKA(ProbeOptions(heads=True))]).analyses) == 1
+    engine = ProbeEngine(probed, [HeadCKA()])
+    assert len(engine.analyses) == 1 and engine.skipped == {}
+    assert ProbeEngine(probed, [LayerCKA()]).skipped == {}  # not in the list: not bound, not skipped
+    with pytest.raises(ValueError, match="permutations"):
+        HeadCKA(permutations=-1)
+    with pytest.raises(ValueError, match="minibatch_weights"):
+        HeadCKA(minibatch_weights="rows")
 
 
-def test_cls_reduction_without_class_token_is_refused(models):
-    with pytest.raises(ValueError, match="class token"):
+def test_cls_reduction_without_class_token_is_refused_before_any_probe(models):
+    with pytest.raises(ValueError, match=r"reduction='cls' needs a class token, but layer 'blocks.0'"):
         run(models["reg"], models["resnet"], images(), reduction="cls", ref_reduction="mean")
 
 
@@ -292,11 +303,10 @@ def test_two_ranks_summed_equal_one_process(models):
     vit, resnet = models["test_vit"], models["resnet"]
     x = images()
     whole = run(vit, resnet, x, permutations=5).compute()
-    options = ProbeOptions(permutations=5)
     engines = []
     for rank in range(2):  # rank r gets minibatches r, r + 2
         probed = [ProbedModel("model", vit), ProbedModel("reference", resnet, frozen=True)]
-        engine = ProbeEngine(probed, [HeadCKA(options)])
+        engine = ProbeEngine(probed, [HeadCKA(permutations=5)])
         mine = [ProbeBatch(i, i * BATCH, x[i * BATCH : (i + 1) * BATCH]) for i in range(rank, MINIBATCHES, 2)]
         engine.run(mine, num_minibatches=MINIBATCHES, device=torch.device("cpu"))
         engines.append(engine)
@@ -309,15 +319,16 @@ def test_two_ranks_summed_equal_one_process(models):
 # ---------------------------------------------------------------------------------------- figure and scalars
 
 
-@pytest.fixture
-def registered(monkeypatch):
-    monkeypatch.setattr(analyses_module, "ANALYSES", (LayerCKA, AttentionStats, HeadCKA))
+def analyses(local_threshold=0.5):
+    """The analyses whose fields the results below hold."""
+    return [LayerCKA(), AttentionStats(local_threshold=local_threshold), HeadCKA()]
 
 
-def test_figure_and_scalars_from_a_real_probe(models, registered):
-    engine = run(models["test_vit"], models["resnet"], images(), analyses=[LayerCKA, AttentionStats, HeadCKA])
-    result = CKAResult(engine.compute())
-    (figure,) = HeadCKA.figures(result, None, View(run="r"))
+def test_figure_and_scalars_from_a_real_probe(models):
+    probe = [LayerCKA(permutations=0), AttentionStats(), HeadCKA(permutations=0)]
+    engine = run(models["test_vit"], models["resnet"], images(), analyses=probe)
+    result = CKAResult(engine.compute(), analyses=analyses())
+    (figure,) = HeadCKA().figures(result, None, View(run="r"))
     assert figure.tag == "attention/heads_vs_reference"
     (panel,) = figure.panels
     assert isinstance(panel, Scatter) and len(panel.series) == 6
@@ -327,7 +338,7 @@ def test_figure_and_scalars_from_a_real_probe(models, registered):
         assert series.label == f"blocks.{i}.attn"
         np.testing.assert_allclose(series.values, np.stack([distance[i], lower[i]], axis=1))
     assert "layer1.0" in panel.title and "0.6" in figure.caption and "Spearman" in figure.caption
-    scalars = HeadCKA.scalars(result, View())
+    scalars = HeadCKA().scalars(result, View())
     expected = spearmanr(distance.ravel(), lower.ravel()).statistic
     assert scalars["heads/distance_cka_spearman"] == pytest.approx(expected, abs=1e-12)
     for i in range(6):
@@ -336,16 +347,18 @@ def test_figure_and_scalars_from_a_real_probe(models, registered):
     draw_figure(figure)
 
 
-def test_lower_layers_are_the_first_third_rounded_down(registered):
+def test_lower_layers_are_the_first_third_rounded_down():
     cka = np.arange(2 * 2 * 7, dtype=float).reshape(2, 2, 7) / 100
-    result = CKAResult(head_reference=cka, head_layers=["a", "b"], reference_layers=list("pqrstuv"))
-    scalars = HeadCKA.scalars(result, View())
+    result = CKAResult(
+        head_reference=cka, head_layers=["a", "b"], reference_layers=list("pqrstuv"), analyses=analyses()
+    )
+    scalars = HeadCKA().scalars(result, View())
     assert scalars["heads/lower_reference_cka/a"] == pytest.approx(cka[0, :, :2].mean())
     assert "heads/distance_cka_spearman" not in scalars  # no attention distances: no correlation
-    assert HeadCKA.figures(result, None, View()) == []
+    assert HeadCKA().figures(result, None, View()) == []
 
 
-def test_nan_and_missing_values_do_not_crash(registered):
+def test_nan_and_missing_values_do_not_crash():
     nan = np.full((2, 3, 4), np.nan)
     result = CKAResult(
         head_reference=nan,
@@ -354,20 +367,22 @@ def test_nan_and_missing_values_do_not_crash(registered):
         attention_layers=["b"],  # layer "a" was left out of the attention analysis
         mean_attention_distance=np.array([[1.0, np.inf, np.nan]]),
         uniform_attention_distance=float("nan"),
+        analyses=analyses(),
     )
-    assert HeadCKA.figures(result, None, View()) == []
-    scalars = HeadCKA.scalars(result, View())
+    assert HeadCKA().figures(result, None, View()) == []
+    scalars = HeadCKA().scalars(result, View())
     assert np.isnan(scalars["heads/distance_cka_spearman"]) and np.isnan(scalars["heads/lower_reference_cka/a"])
     cka = np.random.default_rng(0).uniform(size=(2, 3, 4))
     result.head_reference = cka
-    (figure,) = HeadCKA.figures(result, None, View())
+    (figure,) = HeadCKA().figures(result, None, View())
     assert [s.label for s in figure.panels[0].series] == ["b"]  # only layer b has distances
     assert "not defined" in figure.caption  # one finite head: no rank correlation
     draw_figure(figure)
-    assert HeadCKA.scalars(CKAResult(), View()) == {} and HeadCKA.figures(CKAResult(), None, View()) == []
+    empty = CKAResult(analyses=analyses())
+    assert HeadCKA().scalars(empty, View()) == {} and HeadCKA().figures(empty, None, View()) == []
 
 
-def test_many_layers_name_the_ramp_ends_and_the_local_line_stays_on_the_axis(registered):
+def test_many_layers_name_the_ramp_ends_and_the_local_line_stays_on_the_axis():
     rng = np.random.default_rng(1)
     layers = [f"blocks.{i}.attn" for i in range(12)]
     distances = rng.uniform(10.0, 30.0, size=(12, 3))
@@ -378,13 +393,22 @@ def test_many_layers_name_the_ramp_ends_and_the_local_line_stays_on_the_axis(reg
         attention_layers=layers,
         mean_attention_distance=distances,
         uniform_attention_distance=40.0,
+        analyses=analyses(),
     )
-    (figure,) = HeadCKA.figures(result, None, View(local_threshold=0.5))  # threshold 20 px, inside 10..30
+    (figure,) = HeadCKA().figures(result, None, View(local_threshold=0.5))  # threshold 20 px, inside 10..30
     (panel,) = figure.panels
     assert [s.label for s in panel.series] == ["blocks.0.attn", *[""] * 10, "blocks.11.attn"]
     assert figure.meta["series_layers"] == layers
     assert [(line.value, line.axis) for line in panel.lines] == [(20.0, "x")]
     assert "a and b" in panel.title  # 6 reference layers: the first third is two
-    (figure,) = HeadCKA.figures(result, None, View(local_threshold=0.1))  # 4 px: left of every head
+    (figure,) = HeadCKA().figures(result, None, View(local_threshold=0.1))  # 4 px: left of every head
     assert figure.panels[0].lines == () and "Every head is above the local threshold (4.0 px)" in figure.caption
     draw_figure(figure)
+    # Without an override the threshold is the attention analysis's own (it made the distances of the result).
+    fields = {key: result.get(key) for key in result}
+    (figure,) = HeadCKA().figures(CKAResult(fields, analyses=analyses(local_threshold=0.1)), None, View())
+    assert figure.panels[0].lines == () and "(4.0 px)" in figure.caption
+    (figure,) = HeadCKA().figures(
+        CKAResult(fields, analyses=analyses(local_threshold=0.1)), None, View(local_threshold=0.5)
+    )
+    assert [(line.value, line.axis) for line in figure.panels[0].lines] == [(20.0, "x")]

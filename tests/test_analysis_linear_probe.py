@@ -1,6 +1,7 @@
 """LinearProbe against an independent NumPy reference (manual hooks, ridge by ``numpy.linalg.solve`` with an explicit
 intercept column, GCV from the explicit hat matrix) and known answers (separable labels, shuffled labels, DDP split)."""
 
+import re
 import threading
 import warnings
 
@@ -11,19 +12,19 @@ import torch
 import torchmetrics.metric
 from torch import nn
 
-from lightning_cka.analyses import layer_cka
-from lightning_cka.analyses.linear_probe import LinearProbe, LinearProbeTap, fit_ridge
+from lightning_cka.analyses import LayerCKA, default_analyses, resolve_analyses
+from lightning_cka.analyses.linear_probe import LinearProbe
 from lightning_cka.engine.analysis import View
 from lightning_cka.engine.engine import ProbeBatch, ProbeEngine
 from lightning_cka.engine.models import ProbedModel
-from lightning_cka.engine.options import ProbeOptions
 from lightning_cka.figures.render import draw_figure
 from lightning_cka.figures.spec import Curves
+from lightning_cka.functional.ridge import fit_ridge
 from lightning_cka.result import CKAResult
 from lightning_cka.taps.base import TapSet
+from lightning_cka.taps.linear_probe import LinearProbeTap
 
 GRID = 10.0 ** np.arange(-6.0, 2.0 + 1e-9, 0.25)  # the documented λ grid, relative to s_max (docs/tags page)
-ON = ProbeOptions(linear_probe=True)
 
 
 # ----------------------------------------------------------------------------------------------- the reference
@@ -98,13 +99,15 @@ def batches(x, y, size):
     ]
 
 
-def run(model, x, y, size, layers="auto", options=ON):
-    engine = ProbeEngine([ProbedModel("model", model, layers)], [LinearProbe(options)])
+def run(model, x, y, size, layers="auto"):
+    engine = ProbeEngine([ProbedModel("model", model, layers)], [LinearProbe()])
     parts = batches(x, y, size)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a failed finalize would only warn
+        warnings.simplefilter("error")
         engine.run(parts, len(parts), torch.device("cpu"))
         fields = engine.compute()
+    # A failed update or finalize is kept by the engine, not raised: it must not have happened.
+    assert engine.failures == {} and engine.finalize_failures == {}, (engine.failures, engine.finalize_failures)
     return engine, fields
 
 
@@ -326,7 +329,7 @@ def test_nan_features_give_nan_without_failing():
 def test_classes_only_in_the_scored_half_are_flagged():
     x, y = separable(64, seed=4)
     y[1::8] = 2  # odd probe indices only: the fit half never sees class 2
-    engine = ProbeEngine([ProbedModel("model", Toy(), ["keep"])], [LinearProbe(ON)])
+    engine = ProbeEngine([ProbedModel("model", Toy(), ["keep"])], [LinearProbe()])
     parts = batches(x, y, 16)
     engine.run(parts, len(parts), torch.device("cpu"))
     with pytest.warns(UserWarning, match="8 of the 32 scored probe images belong to classes no fitted image has"):
@@ -384,13 +387,13 @@ def test_ranks_with_half_the_minibatches_each_equal_one_process(monkeypatch, spl
     y[y == 3] = 2  # ...and rank 0 may not see the highest class: the class axis is agreed over ranks
     y[-1] = 3
     parts = batches(x, y, 11)  # 7 minibatches, odd starts included
-    single = ProbeEngine([ProbedModel("model", model)], [LinearProbe(ON)])
+    single = ProbeEngine([ProbedModel("model", model)], [LinearProbe()])
     single.run(parts, len(parts), torch.device("cpu"))
     expected = single.compute()
     shares = [parts[0::2], parts[1::2]] if split == "interleaved" else [parts, []]
     engines = []
     for share in shares:
-        engine = ProbeEngine([ProbedModel("model", model)], [LinearProbe(ON)])
+        engine = ProbeEngine([ProbedModel("model", model)], [LinearProbe()])
         engine.run(share, len(parts), torch.device("cpu"))
         engines.append(engine)
     for got in compute_as_ranks(engines, monkeypatch):
@@ -405,16 +408,28 @@ def test_ranks_with_half_the_minibatches_each_equal_one_process(monkeypatch, spl
 
 def test_missing_labels_raise_naming_the_fix():
     model = timm.create_model("test_vit", img_size=32, patch_size=8)
-    engine = ProbeEngine([ProbedModel("model", model)], [LinearProbe(ON)])
-    with pytest.raises(ValueError, match=r"needs class labels.*linear_probe=False"):
-        engine.run(batches(torch.randn(8, 3, 32, 32), None, 8), 1, torch.device("cpu"))
-    with pytest.raises(ValueError, match="integer class indices"):
-        engine.run(batches(torch.randn(8, 3, 32, 32), torch.rand(8), 8), 1, torch.device("cpu"))
+    engine = ProbeEngine([ProbedModel("model", model)], [LinearProbe(), LayerCKA(permutations=0)])
+    # The analysis fails alone (kept in engine.failures); the others go on.
+    engine.run(batches(torch.randn(8, 3, 32, 32), None, 8), 1, torch.device("cpu"))
+    error = engine.failures["linear_probe"]
+    assert isinstance(error, ValueError)
+    assert re.search(r"needs class labels.*leave the linear_probe analysis out", str(error))
+    assert "cka" not in engine.failures
+    assert "intra" in engine.compute(skip=list(engine.failures))
+    engine.run(batches(torch.randn(8, 3, 32, 32), torch.rand(8), 8), 1, torch.device("cpu"))
+    error = engine.failures["linear_probe"]
+    assert isinstance(error, ValueError) and "integer class indices" in str(error)
+    assert list(engine.failures) == ["linear_probe"]
 
 
 def test_off_by_default_and_the_model_is_left_untouched():
     model = timm.create_model("test_vit", img_size=32, patch_size=8)
-    assert ProbeEngine([ProbedModel("model", model)], [LinearProbe(ProbeOptions())]).analyses == []
+    # Off by default: not among the analyses that run when none are given (nor in "default").
+    assert not LinearProbe.default
+    assert "linear_probe" not in [a.name for a in default_analyses()]
+    assert "linear_probe" not in [a.name for a, _ in resolve_analyses(None)]
+    assert "linear_probe" not in [a.name for a, _ in resolve_analyses(["default"])]
+    assert [a.name for a, _ in resolve_analyses(["default", "linear_probe"])][-1] == "linear_probe"
     x, y = shifted_images(24, 32, seed=5)
     model.train()
     model.blocks[0].eval()  # a submodule the user keeps in eval mode stays there
@@ -430,11 +445,7 @@ def test_off_by_default_and_the_model_is_left_untouched():
     torch.testing.assert_close(model.eval()(x), before, rtol=0, atol=0)
 
 
-@pytest.fixture
-def registered(monkeypatch):
-    import lightning_cka.analyses as analyses
-
-    monkeypatch.setattr(analyses, "ANALYSES", (layer_cka.LayerCKA, LinearProbe))
+ANALYSES = (LayerCKA(), LinearProbe())  # the analyses whose fields the results below hold
 
 
 def toy_result(layers, accuracy, chance=0.5, examples=(100, 100)):
@@ -445,17 +456,19 @@ def toy_result(layers, accuracy, chance=0.5, examples=(100, 100)):
         linear_probe_chance=chance,
         linear_probe_ridge=np.ones((len(layers), 2)),
         linear_probe_examples=np.array(examples, dtype=np.int64),
+        analyses=ANALYSES,
     )
 
 
-def test_figure_and_scalars_from_a_real_probe(registered, tmp_path):
+def test_figure_and_scalars_from_a_real_probe(tmp_path):
     x, y = separable(200, seed=3)
     _, fields = run(Toy(), x, y, size=25, layers=TOY_LAYERS)
-    result = CKAResult({**fields, "intra": np.eye(4)})
+    result = CKAResult({**fields, "intra": np.eye(4)}, analyses=ANALYSES)
     loaded = CKAResult.load(result.save(tmp_path / "probe.npz"))
     for key in fields:
         np.testing.assert_array_equal(np.asarray(loaded.get(key)), np.asarray(fields[key]))
-    (figure,) = LinearProbe.figures(loaded, None, View(run="toy"))
+    assert [a.name for a in loaded.analyses] == ["cka", "linear_probe"]
+    (figure,) = LinearProbe().figures(loaded, None, View(run="toy"))
     assert figure.tag == "linear_probe/accuracy"
     (panel,) = figure.panels
     assert isinstance(panel, Curves) and panel.x == tuple(TOY_LAYERS) and panel.ylim[0] < 0 and panel.ylim[1] > 1
@@ -464,26 +477,26 @@ def test_figure_and_scalars_from_a_real_probe(registered, tmp_path):
     assert "chance" in panel.lines[0].label and panel.lines[0].value == fields["linear_probe_chance"]
     assert "Raghu et al. 2021" in figure.caption
     draw_figure(figure).fig.savefig(tmp_path / "figure.png")
-    scalars = LinearProbe.scalars(loaded, View())
+    scalars = LinearProbe().scalars(loaded, View())
     assert scalars["linear_probe/gap_accuracy/keep"] == 1.0
     assert scalars["linear_probe/cls_accuracy/cls_only"] == 1.0
     assert scalars["linear_probe/best_gap_accuracy"] == 1.0 == scalars["linear_probe/best_cls_accuracy"]
     assert scalars["linear_probe/chance"] == fields["linear_probe_chance"]
-    assert "linear_probe/linear_probe" not in loaded.scalars()  # registered: the result's own scalars include ours
+    assert "linear_probe/linear_probe" not in loaded.scalars()  # the file's analyses: its own scalars include ours
     assert "linear_probe/best_gap_accuracy" in loaded.scalars()
 
 
-def test_figure_and_scalars_are_nan_safe(registered):
+def test_figure_and_scalars_are_nan_safe():
     no_cls = toy_result(["a", "b"], [[np.nan, 0.7], [np.nan, 0.9]])
-    (figure,) = LinearProbe.figures(no_cls, None, View())
+    (figure,) = LinearProbe().figures(no_cls, None, View())
     assert [s.label for s in figure.panels[0].series] == ["GAP: mean over patch tokens / positions"]
     assert "no class token" in figure.caption
-    scalars = LinearProbe.scalars(no_cls, View())
+    scalars = LinearProbe().scalars(no_cls, View())
     assert scalars["linear_probe/best_gap_accuracy"] == 0.9 and not any("cls" in k for k in scalars)
     all_nan = toy_result(["a", "b"], np.full((2, 2), np.nan), chance=float("nan"), examples=(0, 0))
-    (figure,) = LinearProbe.figures(all_nan, None, View())
+    (figure,) = LinearProbe().figures(all_nan, None, View())
     draw_figure(figure)
-    assert np.isnan(LinearProbe.scalars(all_nan, View())["linear_probe/best_gap_accuracy"])
+    assert np.isnan(LinearProbe().scalars(all_nan, View())["linear_probe/best_gap_accuracy"])
     empty = toy_result([], np.zeros((0, 2)))
-    assert LinearProbe.figures(empty, None, View()) == []
-    assert LinearProbe.scalars(CKAResult(layers=["a"], intra=np.eye(1)), View()) == {}
+    assert LinearProbe().figures(empty, None, View()) == []
+    assert LinearProbe().scalars(CKAResult(layers=["a"], intra=np.eye(1), analyses=ANALYSES), View()) == {}

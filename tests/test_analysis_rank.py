@@ -6,13 +6,11 @@ import timm
 import torch
 from torch import nn
 
-import lightning_cka.analyses as analyses_module
 from lightning_cka.analyses import LayerCKA
 from lightning_cka.analyses.rank import EffectiveRank
 from lightning_cka.engine.analysis import View
 from lightning_cka.engine.engine import ProbeBatch, ProbeEngine
 from lightning_cka.engine.models import ProbedModel
-from lightning_cka.engine.options import ProbeOptions
 from lightning_cka.figures.render import draw_figure
 from lightning_cka.figures.spec import Curves
 from lightning_cka.result import CKAResult
@@ -58,12 +56,12 @@ class Known(nn.Module):
         return self.full(x).sum() + self.low(x).sum() + self.const(x).sum()
 
 
-def run(model, x, reference=None, layers="auto", ref_layers="auto", batch=BATCH, engine=None, **options):
+def run(model, x, reference=None, layers="auto", ref_layers="auto", batch=BATCH, engine=None):
     if engine is None:
         probed = [ProbedModel("model", model, layers)]
         if reference is not None:
             probed.append(ProbedModel("reference", reference, ref_layers, frozen=True))
-        engine = ProbeEngine(probed, [EffectiveRank(ProbeOptions(**options))])
+        engine = ProbeEngine(probed, [EffectiveRank()])
     count = -(-x.shape[0] // batch)
     batches = [ProbeBatch(i, i * batch, x[i * batch : (i + 1) * batch]) for i in range(count)]
     engine.run(batches, num_minibatches=count, device=torch.device("cpu"))
@@ -137,10 +135,15 @@ def test_non_finite_features_give_nan_not_an_error():
     assert fields["effective_rank_minibatches"].shape == (1, 2)
 
 
-def test_option_off_binds_nothing():
+def test_left_out_of_the_list_binds_nothing():
+    # The old switch rank=False is gone: an analysis runs when it is in the engine's list, and only then.
     model = Known(8, torch.float32)
-    engine = ProbeEngine([ProbedModel("model", model, ["full"])], [EffectiveRank(ProbeOptions(rank=False))])
-    assert engine.analyses == []
+    x = torch.randn(BATCH, 8)
+    engine = ProbeEngine([ProbedModel("model", model, ["full"])], [LayerCKA(permutations=0)])
+    assert [a.name for a in engine.analyses] == ["cka"] and engine.skipped == {}
+    fields = run(model, x, engine=engine).compute()
+    assert not any("effective_rank" in key for key in fields)
+    assert EffectiveRank().config() == {}  # no options left to switch it off with
 
 
 def test_probe_leaves_the_model_untouched():
@@ -163,7 +166,7 @@ def test_two_ranks_summed_equal_one_process():
     whole = run(model, x, layers=["full", "low"]).compute()
     engines = []
     for rank in range(2):
-        engine = ProbeEngine([ProbedModel("model", model, ["full", "low"])], [EffectiveRank(ProbeOptions())])
+        engine = ProbeEngine([ProbedModel("model", model, ["full", "low"])], [EffectiveRank()])
         mine = [ProbeBatch(i, i * BATCH, x[i * BATCH : (i + 1) * BATCH]) for i in range(rank, 4, 2)]
         engine.run(mine, num_minibatches=4, device=torch.device("cpu"))
         engines.append(engine)
@@ -173,17 +176,15 @@ def test_two_ranks_summed_equal_one_process():
         np.testing.assert_allclose(merged[key], whole[key], rtol=1e-12)
 
 
-@pytest.fixture
-def registered(monkeypatch):
-    monkeypatch.setattr(analyses_module, "ANALYSES", (LayerCKA, EffectiveRank))
+ANALYSES = (LayerCKA(), EffectiveRank())  # the analyses whose fields the results below hold
 
 
-def test_figure_and_scalars(registered):
+def test_figure_and_scalars():
     torch.manual_seed(0)
     vit, resnet = timm.create_model("test_vit", img_size=64).eval(), timm.create_model("test_resnet").eval()
     x = torch.randn(3 * BATCH, 3, 64, 64)
-    result = CKAResult(run(vit, x, reference=resnet).compute())
-    (figure,) = EffectiveRank.figures(result, None, View())
+    result = CKAResult(run(vit, x, reference=resnet).compute(), analyses=ANALYSES)
+    (figure,) = EffectiveRank().figures(result, None, View())
     assert figure.tag == "rank/effective_rank" and len(figure.panels) == 2
     model_panel, reference_panel = figure.panels
     assert isinstance(model_panel, Curves) and model_panel.x == tuple(result.layers)
@@ -192,7 +193,7 @@ def test_figure_and_scalars(registered):
     np.testing.assert_array_equal(model_panel.series[0].error, result.effective_rank_se)
     assert [line.value for line in model_panel.lines] == [BATCH - 1]  # the ranks come near the bound: drawn
     assert "n - 1 = 15" in figure.caption and "ollapse" in figure.caption
-    scalars = EffectiveRank.scalars(result, View())
+    scalars = EffectiveRank().scalars(result, View())
     assert scalars["rank/mean"] == pytest.approx(result.effective_rank.mean())
     per_minibatch = result.effective_rank_minibatches.mean(axis=1)
     assert scalars["rank/mean_se"] == pytest.approx(per_minibatch.std(ddof=1) / np.sqrt(3))
@@ -201,21 +202,23 @@ def test_figure_and_scalars(registered):
     draw_figure(figure)
 
 
-def test_far_bound_is_named_not_drawn_and_nan_is_safe(registered):
+def test_far_bound_is_named_not_drawn_and_nan_is_safe():
     result = CKAResult(
         layers=["a", "b", "c"],
         effective_rank=np.array([2.0, np.nan, 3.0]),
         effective_rank_se=np.array([0.1, np.nan, np.nan]),
         effective_rank_minibatches=np.array([[2.0, np.nan, 3.0]]),
         effective_rank_bound=1023.0,
+        analyses=ANALYSES,
     )
-    (figure,) = EffectiveRank.figures(result, None, View())
+    (figure,) = EffectiveRank().figures(result, None, View())
     assert figure.panels[0].lines == () and "off the scale" in figure.caption
-    scalars = EffectiveRank.scalars(result, View())
+    scalars = EffectiveRank().scalars(result, View())
     assert scalars["rank/mean"] == pytest.approx(2.5) and np.isnan(scalars["rank/mean_se"])
     assert np.isnan(scalars["rank/effective_rank/b"])
     draw_figure(figure)
-    empty = CKAResult(layers=["a"], effective_rank=np.array([np.nan]))
-    assert np.isnan(EffectiveRank.scalars(empty, View())["rank/mean"])
-    draw_figure(EffectiveRank.figures(empty, None, View())[0])
-    assert EffectiveRank.figures(CKAResult(), None, View()) == [] and EffectiveRank.scalars(CKAResult(), View()) == {}
+    empty = CKAResult(layers=["a"], effective_rank=np.array([np.nan]), analyses=ANALYSES)
+    assert np.isnan(EffectiveRank().scalars(empty, View())["rank/mean"])
+    draw_figure(EffectiveRank().figures(empty, None, View())[0])
+    assert EffectiveRank().figures(CKAResult(analyses=ANALYSES), None, View()) == []
+    assert EffectiveRank().scalars(CKAResult(analyses=ANALYSES), View()) == {}

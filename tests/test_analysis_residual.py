@@ -1,22 +1,23 @@
+import re
 import warnings
 
 import numpy as np
 import pytest
 import timm
 import torch
+from timm.models.vision_transformer import Block
 from torch import nn
 
+from lightning_cka.analyses import default_analyses
 from lightning_cka.analyses.layer_cka import LayerCKA
 from lightning_cka.analyses.residual import ResidualRatio
 from lightning_cka.engine.analysis import View
 from lightning_cka.engine.engine import ProbeBatch, ProbeEngine
 from lightning_cka.engine.models import ProbedModel
-from lightning_cka.engine.options import ProbeOptions
 from lightning_cka.figures.render import draw_figure
 from lightning_cka.figures.spec import Curves, Heatmap
 from lightning_cka.result import CKAResult
 
-ON = ProbeOptions(residual=True)
 SWIN = dict(img_size=64, window_size=4, embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
 
 
@@ -29,18 +30,25 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+ANALYSES = (LayerCKA(), ResidualRatio())  # the analyses whose fields the results below hold
+
+
 def batches(x, size=8):
     return [ProbeBatch(i, s, x[s : s + size]) for i, s in enumerate(range(0, x.shape[0], size))]
 
 
-def run(model, x, options=ON, reference=None, size=8, layers="auto"):
+def run(model, x, reference=None, size=8, layers="auto"):
     models = [ProbedModel("model", model, layers)]
     if reference is not None:
         models.append(ProbedModel("reference", reference, frozen=True))
-    engine = ProbeEngine(models, [ResidualRatio(options)])
+    engine = ProbeEngine(models, [ResidualRatio()])
+    assert engine.skipped == {}, engine.skipped
     parts = batches(x, size)
     engine.run(parts, len(parts), torch.device("cpu"))
-    return engine, engine.compute()
+    assert engine.failures == {}, engine.failures  # kept by the engine, not raised
+    fields = engine.compute()
+    assert engine.finalize_failures == {}, engine.finalize_failures
+    return engine, fields
 
 
 def images(n, size, seed=0):
@@ -298,16 +306,16 @@ def test_torchvision_block_whose_branch_is_its_input_scaled():
     assert fields["residual_ratio"][0, 0, 0] == pytest.approx(2.0, rel=1e-5)  # ‖x‖ / ‖x / 2‖
 
 
-def test_timm_resnet_zero_init_is_inf_and_figures_and_scalars_cope(registered):
+def test_timm_resnet_zero_init_is_inf_and_figures_and_scalars_cope():
     torch.manual_seed(0)
     model = timm.create_model("resnet18", num_classes=10)  # zero_init_last: every branch is exactly 0 at init
     _, fields = run(model, images(8, 32, seed=9))
     assert np.isposinf(fields["residual_ratio"]).all()
-    result = CKAResult(fields)
-    scalars = ResidualRatio.scalars(result, View())
+    result = CKAResult(fields, analyses=ANALYSES)
+    scalars = ResidualRatio().scalars(result, View())
     assert scalars["residual/zero_branches"] == 8.0 and np.isnan(scalars["residual/mean_ratio"])
     assert all(np.isposinf(v) for k, v in scalars.items() if k.startswith("residual/patch_ratio/"))
-    (figure,) = ResidualRatio.figures(result, None, View())
+    (figure,) = ResidualRatio().figures(result, None, View())
     (curves,) = figure.panels  # one token per block: no heatmap
     assert isinstance(curves, Curves) and all(np.isnan(s.values).all() for s in curves.series)
     assert "8 branch(es) are exactly zero" in figure.caption
@@ -317,41 +325,51 @@ def test_timm_resnet_zero_init_is_inf_and_figures_and_scalars_cope(registered):
 # --------------------------------------------------------------------------------------------- contract
 
 
+class Custom(Block):
+    """A ViT block whose forward is its own: where its branches are is not known."""
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        return x + self.mlp(self.norm2(x))
+
+
 def test_unlocated_layers_get_one_warning_naming_them():
     model = timm.create_model("test_vit", img_size=32)
     layers = ["blocks.0.attn", "blocks.1", "blocks.2.mlp"]
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # "auto": an attention or MLP module is simply not a block
-        engine = ProbeEngine([ProbedModel("model", model, layers)], [ResidualRatio(ProbeOptions())])
-    with pytest.warns(UserWarning, match=r"leave out 2 model layer\(s\).*blocks\.0\.attn") as record:
-        ProbeEngine([ProbedModel("model", model, layers)], [ResidualRatio(ON)])
-    assert len([w for w in record if "residual" in str(w.message)]) == 1
-    assert "blocks.2.mlp" in str(record[0].message)
+        warnings.simplefilter("error")  # an attention or MLP module among chosen layers is simply not a block
+        engine = ProbeEngine([ProbedModel("model", model, layers)], [ResidualRatio()])
     parts = batches(images(8, 32))
     engine.run(parts, 1, torch.device("cpu"))
     fields = engine.compute()
     assert fields["residual_blocks"] == ["blocks.1"] and len(fields["residual_skipped"]) == 2
+    # The model's own residual blocks whose branches cannot be located: one warning naming them all.
+    model.blocks[0].__class__ = model.blocks[2].__class__ = Custom
+    with pytest.warns(UserWarning, match=r"leave out 2 model layer\(s\).*blocks\.0 \(Custom overrides") as record:
+        engine = ProbeEngine([ProbedModel("model", model)], [ResidualRatio()])
+    assert len([w for w in record if "residual" in str(w.message)]) == 1
+    assert "blocks.2 (Custom overrides" in str(record[0].message)
+    engine.run(parts, 1, torch.device("cpu"))
+    fields = engine.compute()
+    assert fields["residual_blocks"] == [f"blocks.{i}" for i in (1, 3, 4, 5)] and len(fields["residual_skipped"]) == 2
 
 
 def test_overridden_forward_is_not_recognized():
-    from timm.models.vision_transformer import Block
-
-    class Custom(Block):
-        def forward(self, x, attn_mask=None, is_causal=False):
-            return x + self.mlp(self.norm2(x))
-
     model = timm.create_model("test_vit", img_size=32, block_fn=Custom, depth=2)
-    assert ProbeEngine([ProbedModel("model", model)], [ResidualRatio(ProbeOptions())]).analyses == []
-    with pytest.raises(ValueError, match=r"overrides its forward.*residual=False"), pytest.warns(UserWarning):
-        ProbeEngine([ProbedModel("model", model)], [ResidualRatio(ON)])
+    with pytest.warns(UserWarning, match="overrides its forward"):
+        engine = ProbeEngine([ProbedModel("model", model)], [ResidualRatio()])
+    assert engine.analyses == []
+    assert re.search(r"overrides its forward.*monitor the residual blocks", engine.skipped["residual"])
 
 
-def test_auto_off_and_true_raises_for_a_model_without_residual_blocks():
+def test_a_model_without_residual_blocks_is_skipped_with_the_reason():
     model = timm.create_model("test_efficientnet")  # no block has a skip connection
-    assert ProbeEngine([ProbedModel("model", model)], [ResidualRatio(ProbeOptions())]).analyses == []
-    assert ProbeEngine([ProbedModel("model", model)], [ResidualRatio(ProbeOptions(residual=False))]).analyses == []
-    with pytest.raises(ValueError, match=r"no skip connection.*residual=False"):
-        ProbeEngine([ProbedModel("model", model)], [ResidualRatio(ON)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # blocks without a skip are not residual blocks: no reason to warn
+        engine = ProbeEngine([ProbedModel("model", model)], [ResidualRatio()])
+    assert engine.analyses == []
+    assert re.search(r"no skip connection.*monitor the residual blocks", engine.skipped["residual"])
+    assert ProbeEngine([ProbedModel("model", model)], [LayerCKA()]).skipped == {}  # not in the list: not bound
+    assert "residual" in [a.name for a in default_analyses()]  # on by default where it applies
 
 
 def test_reference_fields_get_the_prefix():
@@ -381,10 +399,10 @@ def test_two_ranks_summed_by_hand_equal_one_engine():
     torch.manual_seed(0)
     model = timm.create_model("test_vit", img_size=32)
     parts = batches(images(40, 32, seed=12))
-    single = ProbeEngine([ProbedModel("model", model)], [ResidualRatio(ON)])
+    single = ProbeEngine([ProbedModel("model", model)], [ResidualRatio()])
     single.run(parts, len(parts), torch.device("cpu"))
     expected = single.compute()
-    engines = [ProbeEngine([ProbedModel("model", model)], [ResidualRatio(ON)]) for _ in range(2)]
+    engines = [ProbeEngine([ProbedModel("model", model)], [ResidualRatio()]) for _ in range(2)]
     engines[0].run(parts[0::2], len(parts), torch.device("cpu"))
     engines[1].run(parts[1::2], len(parts), torch.device("cpu"))
     engines[0].analyses[0]._sums["model"].merge_state(engines[1].analyses[0]._sums["model"])
@@ -396,22 +414,15 @@ def test_two_ranks_summed_by_hand_equal_one_engine():
 # --------------------------------------------------------------------------------------------- figures, scalars
 
 
-@pytest.fixture
-def registered(monkeypatch):
-    import lightning_cka.analyses as analyses
-
-    monkeypatch.setattr(analyses, "ANALYSES", (LayerCKA, ResidualRatio))
-
-
-def test_figure_panels_hold_log10_with_inf_marked(registered):
+def test_figure_panels_hold_log10_with_inf_marked():
     torch.manual_seed(0)
     model = timm.create_model("test_vit", img_size=32).eval()
     with torch.no_grad():
         model.blocks[1].mlp.fc2.weight.zero_()
         model.blocks[1].mlp.fc2.bias.zero_()
     _, fields = run(model, images(16, 32, seed=13))
-    result = CKAResult(fields)
-    (figure,) = ResidualRatio.figures(result, None, View(run="r"))
+    result = CKAResult(fields, analyses=ANALYSES)
+    (figure,) = ResidualRatio().figures(result, None, View(run="r"))
     assert figure.tag == "residual/norm_ratio"
     attention, mlp, curves = figure.panels
     assert isinstance(attention, Heatmap) and "log10" in attention.colorbar
@@ -427,7 +438,7 @@ def test_figure_panels_hold_log10_with_inf_marked(registered):
     np.testing.assert_allclose(curves.series[1].values, np.log10(fields["residual_ratio_patch"][:, 0]))
     assert np.isnan(curves.series[3].values[1])
     draw_figure(figure)
-    scalars = ResidualRatio.scalars(result, View())
+    scalars = ResidualRatio().scalars(result, View())
     assert np.isposinf(scalars["residual/patch_ratio/blocks.1"]) and scalars["residual/zero_branches"] == 1.0
     patch0 = fields["residual_ratio_patch"][0]
     assert scalars["residual/patch_ratio/blocks.0"] == pytest.approx(np.sqrt(patch0[0] * patch0[1]))
@@ -437,9 +448,9 @@ def test_figure_panels_hold_log10_with_inf_marked(registered):
     assert scalars["residual/cls_vs_patch_lower"] == pytest.approx(excess[np.isfinite(excess)].mean())
 
 
-def test_scalars_and_figures_are_nan_safe(registered):
-    empty = CKAResult(layers=["a"])
-    assert ResidualRatio.scalars(empty, View()) == {} and ResidualRatio.figures(empty, None, View()) == []
+def test_scalars_and_figures_are_nan_safe():
+    empty = CKAResult(layers=["a"], analyses=ANALYSES)
+    assert ResidualRatio().scalars(empty, View()) == {} and ResidualRatio().figures(empty, None, View()) == []
     nan = CKAResult(
         layers=["a"],
         residual_blocks=["a"],
@@ -448,8 +459,9 @@ def test_scalars_and_figures_are_nan_safe(registered):
         residual_ratio_cls=np.full((1, 1), np.nan),
         residual_ratio_patch=np.full((1, 1), np.nan),
         residual_prefix_tokens=np.zeros(1, dtype=np.int64),
+        analyses=ANALYSES,
     )
-    scalars = ResidualRatio.scalars(nan, View())
+    scalars = ResidualRatio().scalars(nan, View())
     assert np.isnan(scalars["residual/patch_ratio/a"]) and np.isnan(scalars["residual/mean_ratio"])
-    for figure in ResidualRatio.figures(nan, None, View()):
+    for figure in ResidualRatio().figures(nan, None, View()):
         draw_figure(figure)

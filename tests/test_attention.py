@@ -5,7 +5,10 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from lightning_cka import MeanAttentionDistance, Recorder
+from lightning_cka import MeanAttentionDistance, compare_models
+from lightning_cka.analyses import AttentionStats
+from lightning_cka.engine.engine import ProbeBatch, ProbeEngine
+from lightning_cka.engine.models import ProbedModel
 from lightning_cka.functional import mean_attention_distance, patch_distances
 from lightning_cka.taps.attention import AttentionSite, AttentionTap, attention_sites
 from lightning_cka.taps.base import TapSet
@@ -80,12 +83,16 @@ def test_the_forward_keeps_its_fused_kernel_during_the_probe(monkeypatch):
     model.eval()
     with torch.no_grad():
         plain = model(inputs)
-    with Recorder(model) as rec:
-        probed = model(inputs)
+    outputs = []
+    probed = ProbedModel("model", model, call=lambda x: outputs.append(model(x)))
+    engine = ProbeEngine([probed], [AttentionStats()])
+    engine.run([ProbeBatch(0, 0, inputs)], 1, torch.device("cpu"))
+    assert engine.failures == {}
+    fields = engine.compute()
     assert len(calls) == 2 * len(model.blocks)
-    assert torch.equal(plain, probed)
+    assert torch.equal(plain, outputs[0])
     assert all(b.attn.fused_attn for b in model.blocks)
-    assert rec.attention.compute().shape == (6, 2)
+    assert fields["mean_attention_distance"].shape == (6, 2)
 
 
 def test_tapped_maps_are_chunked_without_changing_them():
@@ -186,26 +193,32 @@ def test_metric_averages_over_all_images_of_all_minibatches(rng):
         metric.update(chunks[0], layer=2)
 
 
-def test_recorder_takes_geometry_from_the_model():
+def test_the_probe_takes_geometry_from_the_model():
     model = timm.create_model("test_vit")
-    with Recorder(model, attention=True) as rec:
-        model(torch.randn(4, 3, 160, 160))
-    assert rec.attention_layers == [f"blocks.{i}.attn" for i in range(6)]
-    assert rec.attention.num_prefix_tokens == 1
-    assert rec.attention.distances.shape == (100, 100)
-    assert torch.isclose(rec.attention.distances[0, 1], torch.tensor(16.0))
-    out = rec.attention.compute()
-    assert out.shape == (6, 2) and torch.all((out > 0) & (out < 160 * np.sqrt(2)))
+    engine = ProbeEngine([ProbedModel("model", model)], [AttentionStats()])
+    engine.run([ProbeBatch(0, 0, torch.randn(4, 3, 160, 160))], 1, torch.device("cpu"))
+    assert engine.failures == {}
+    fields = engine.compute()
+    names = [f"blocks.{i}.attn" for i in range(6)]
+    assert fields["attention_layers"] == names
+    (tap,) = engine.taps["model"]
+    assert [site.name for site in tap.sites] == names
+    assert all(site.num_prefix_tokens == 1 and site.stride == (16.0, 16.0) for site in tap.sites)
+    assert tap.measured_grids == dict.fromkeys(names, (10, 10))
+    distances = tap.distances(tap.sites[0], (10, 10), torch.device("cpu"))
+    assert distances.shape == (100, 100)
+    assert torch.isclose(distances[0, 1], torch.tensor(16.0, dtype=distances.dtype))
+    assert fields["uniform_attention_distance"] == pytest.approx(grid_mean_pairwise_distance(10, 10, 16))
+    out = fields["mean_attention_distance"]
+    assert out.shape == (6, 2) and np.all((out > 0) & (out < 160 * np.sqrt(2)))
 
 
 def test_attention_entropy_matches_the_textbook_formula_on_manual_maps():
-    from lightning_cka import compare_models
-
     torch.manual_seed(0)
     model = timm.create_model("test_vit")
     inputs = torch.randn(6, 3, 160, 160)
     maps = [m.double().numpy() for m in manual_attention_maps(model, inputs)]  # (B, H, T, T) per layer
     expected = [(-(m * np.log(np.where(m > 0, m, 1.0))).sum(-1)).mean(axis=(0, 2)) for m in maps]  # per head
-    result = compare_models(model, data=inputs, batch_size=6, permutations=0)
+    result = compare_models(model, data=inputs, batch_size=6, analyses=[AttentionStats()])
     np.testing.assert_allclose(result.attention_entropy, np.stack(expected), rtol=1e-5)
     assert np.all(result.attention_entropy <= np.log(101) + 1e-6)  # at most uniform attention over 101 tokens

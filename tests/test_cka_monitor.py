@@ -11,7 +11,8 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_cka import CKAMonitor, CKAResult, compare_models
+from lightning_cka import CKAMonitor, CKAResult, Reference, compare_models
+from lightning_cka.analyses import LayerCKA
 from lightning_cka.probe_data.sample import load_probe
 
 LitClassifier = lightning_module_class(pl.LightningModule)
@@ -279,7 +280,7 @@ def test_reference_by_timm_name_with_a_lightning_checkpoint_of_another_run(tmp_p
     trainer, _ = fit(tmp_path / "donor", None, lit=donor, max_steps=2)
     ckpt = tmp_path / "donor.ckpt"
     trainer.save_checkpoint(ckpt)
-    monitor = small_monitor(reference="test_resnet", reference_weights=str(ckpt), reference_kwargs={"num_classes": 4})
+    monitor = small_monitor(reference=Reference("test_resnet", weights=str(ckpt), kwargs={"num_classes": 4}))
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # a trained reference draws no "untrained" warning
         warnings.filterwarnings("ignore", ".*(does not have many workers|smaller than the logging|LeafSpec).*")
@@ -287,11 +288,11 @@ def test_reference_by_timm_name_with_a_lightning_checkpoint_of_another_run(tmp_p
     result = CKAResult.load(Path(trainer.log_dir) / "cka" / "step_0000003.npz")
     assert result.reference_label == f"test_resnet, trained (…/{tmp_path.parent.name}/{tmp_path.name}/donor.ckpt)"
     with pytest.raises(ValueError, match=r"do not fit ResNet.*num_classes"):
-        fit(tmp_path / "bad", small_monitor(reference="test_resnet", reference_weights=str(ckpt)))
+        fit(tmp_path / "bad", small_monitor(reference=Reference("test_resnet", weights=str(ckpt))))
 
 
 def test_an_untrained_named_reference_warns_once(tmp_path):
-    monitor = small_monitor(reference="test_resnet", reference_kwargs={"num_classes": 4})
+    monitor = small_monitor(reference=Reference("test_resnet", kwargs={"num_classes": 4}))
     with pytest.warns(UserWarning, match="untrained timm model") as record:
         fit(tmp_path, monitor, max_steps=3)
     assert len([w for w in record if "untrained timm model" in str(w.message)]) == 1
@@ -342,7 +343,7 @@ def test_one_monitor_used_by_a_second_trainer_starts_afresh(tmp_path):
 
 def test_several_monitors_coexist_and_unnamed_twins_are_refused(tmp_path):
     coarse = small_monitor(every_n_train_steps=3, name="coarse", log_images=True)
-    fine = small_monitor(every_n_train_steps=2, name="fine", layers="blocks.*.attn", attention=False, log_images=True)
+    fine = small_monitor(every_n_train_steps=2, name="fine", layers="blocks.*.attn", analyses=["cka"], log_images=True)
     trainer, _ = fit(tmp_path, [coarse, fine])
     assert coarse.state_key != fine.state_key
     assert array_steps(trainer.log_dir, "coarse") == [0, 3, 6] and array_steps(trainer.log_dir, "fine") == [0, 2, 4, 6]
@@ -391,26 +392,35 @@ def test_lightning_pytorch_namespace(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"every_n_train_steps": 5, "every_n_epochs": 1}, "mutually exclusive"),
-        ({"every_n_train_steps": 0}, "positive int"),
-        ({"batch_size": 3}, "batch_size must be an int >= 4"),
-        ({"probe_size": 2}, "probe_size must be an int >= 4"),
-        ({"reduction": "max"}, "reduction must be one of"),
-        ({"reference_reduction": "max"}, "reference_reduction must be one of"),
-        ({"attention": "yes"}, "attention must be"),
-        ({"local_threshold": 2.0}, "local_threshold"),
-        ({"probe": [1, 2, 3]}, "probe must be a tensor"),
-        ({"probe": torch.zeros(2, 3, 8, 8)}, "N >= 4"),
-        ({"probe": torch.zeros(5, 3, 8, 8), "probe_labels": torch.zeros(4)}, "one per probe image"),
-        ({"probe_labels": torch.zeros(4)}, "go with a tensor probe"),
-        ({"reference": 3}, "reference must be an nn.Module"),
-        ({"reference_weights": "x.ckpt"}, "without reference"),
-        ({"name": "a/b"}, "without '/'"),
-        ({"name": ".."}, "not only dots"),
-        ({"heads": True}, "heads=True compares attention heads with a reference"),
-        ({"permutations": -1}, "permutations must be"),
-        ({"minibatch_weights": "rows"}, "minibatch_weights must be one of"),
-        ({"linear_probe": "yes"}, "linear_probe must be True or False"),
+        ({"every_n_train_steps": 5, "every_n_epochs": 1}, "every_n_train_steps and every_n_epochs are mutually"),
+        ({"every_n_train_steps": 5, "every_n_train_batches": 2}, "mutually exclusive"),
+        ({"every_n_train_steps": 0}, r"every_n_train_steps must be an int >= 1, got 0"),
+        ({"every_n_train_batches": True}, r"every_n_train_batches must be an int >= 1, got True"),
+        ({"every_n_epochs": 1.5}, r"every_n_epochs must be an int >= 1"),
+        ({"batch_size": 3}, r"batch_size must be an int >= 4"),
+        ({"probe_size": 2}, r"probe_size must be an int >= 4"),
+        ({"probe_size": "16"}, r"probe_size must be an int >= 4"),
+        ({"seed": "abc"}, r"seed must be an int, got 'abc'"),
+        ({"seed": 1.0}, r"seed must be an int"),
+        ({"layers": 5}, r"layers must be 'auto', a module name or glob pattern, or a list of them, got 5"),
+        ({"layers": []}, r"layers must be 'auto'"),
+        ({"layers": ["blocks.0", 3]}, r"layers must be 'auto'"),
+        ({"reduction": "max"}, r"reduction must be one of 'flatten', 'cls', 'mean', got 'max'"),
+        ({"probe_data": [1, 2, 3]}, r"probe_data must be a tensor of images, a Dataset or a DataLoader"),
+        ({"probe_data": torch.zeros(2, 3, 8, 8)}, r"N >= 4"),
+        ({"probe_data": torch.zeros(5, 3, 8, 8, dtype=torch.long)}, r"floating images"),
+        ({"probe_data": torch.zeros(5, 3, 8, 8), "probe_labels": torch.zeros(4)}, r"one per probe image"),
+        ({"probe_data": torch.zeros(5, 3, 8, 8), "probe_labels": torch.zeros(5)}, r"1-D integer tensor"),
+        ({"probe_labels": torch.zeros(4)}, r"probe_labels go with a tensor probe_data"),
+        ({"reference": 3}, r"model must be an nn.Module, a timm model name or a checkpoint path"),
+        ({"name": "a/b"}, r"without '/'"),
+        ({"name": ".."}, r"not only dots"),
+        ({"analyses": ["nope"]}, r"no analysis is called 'nope'; the built-in ones are"),
+        ({"analyses": ["cka", LayerCKA()]}, r"cka given more than once"),
+        ({"analyses": [3]}, r"analyses takes Analysis objects and names"),
+        ({"log_images": "yes"}, r"log_images must be True or False"),
+        ({"save_arrays": 1}, r"save_arrays must be True or False"),
+        ({"input_key": ""}, r"input_key must be a dict key"),
     ],
 )
 def test_constructor_validation(kwargs, message):
@@ -418,9 +428,34 @@ def test_constructor_validation(kwargs, message):
         CKAMonitor(**kwargs)
 
 
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: LayerCKA(permutations=True), r"LayerCKA: permutations must be an int in \[0, 1000\]"),
+        (lambda: LayerCKA(permutations=-1), r"permutations must be an int in \[0, 1000\]"),
+        (lambda: LayerCKA(minibatch_weights="rows"), r"minibatch_weights must be one of 'equal', 'size'"),
+        (lambda: Reference("resnet18", reduction="max"), r"Reference: reduction must be one of"),
+        (lambda: Reference(torch.nn.Linear(2, 2), weights="w.pt"), r"weights, pretrained and kwargs apply to a model"),
+        (lambda: Reference("resnet18", kwargs={"x": object()}), r"kwargs must be made of plain types"),
+        (lambda: Reference("resnet18", layers=5), r"Reference: layers must be 'auto'"),
+    ],
+)
+def test_analysis_and_reference_options_are_checked_where_they_are_written(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_numpy_scalars_are_accepted_where_ints_are():
+    monitor = CKAMonitor(
+        seed=np.int64(3), batch_size=np.int32(8), probe_size=np.int64(16), every_n_train_steps=np.int8(2)
+    )
+    assert monitor.seed == 3 and LayerCKA(permutations=np.int64(0)).permutations == 0
+    assert isinstance(monitor.seed, int)
+
+
 def test_linear_probe_without_labels_fails_before_training(tmp_path):
-    monitor = small_monitor(probe=torch.randn(24, 3, 32, 32), linear_probe=True)
-    with pytest.raises(MisconfigurationException, match="linear_probe=True needs class labels"):
+    monitor = small_monitor(probe_data=torch.randn(24, 3, 32, 32), analyses=["default", "linear_probe"])
+    with pytest.raises(MisconfigurationException, match="linear_probe analysis needs class labels"):
         fit(tmp_path, monitor)
 
 
@@ -440,15 +475,33 @@ def test_lightning_cli_builds_the_callback_from_yaml(tmp_path):
         "      init_args:\n"
         "        every_n_train_steps: 500\n"
         "        layers: ['blocks.*.attn', 'blocks.*.mlp']\n"
-        "        reference: resnet18\n"
-        "        reference_kwargs: {num_classes: 10}\n"
+        "        reference:\n"
+        "          class_path: lightning_cka.Reference\n"
+        "          init_args: {model: resnet18, kwargs: {num_classes: 10}}\n"
         "        reduction: cls\n"
         "        batch_size: 128\n"
-        "        permutations: 39\n"
-        "        residual: false\n"
+        "        analyses:\n"
+        "          - default\n"
+        "          - class_path: lightning_cka.analyses.LayerCKA\n"
+        "            init_args: {permutations: 39}\n"
+        "          - linear_probe\n"
     )
     cli = LightningCLI(pl.LightningModule, run=False, args=["--config", str(config)])
     (monitor,) = [c for c in cli.trainer.callbacks if isinstance(c, CKAMonitor)]
-    assert monitor.every_n_train_steps == 500 and monitor.reference == "resnet18" and monitor.batch_size == 128
-    assert monitor.layers == ["blocks.*.attn", "blocks.*.mlp"] and monitor.reference_kwargs == {"num_classes": 10}
-    assert monitor.options.permutations == 39 and monitor.options.residual is False
+    assert monitor.every_n_train_steps == 500 and monitor.batch_size == 128
+    assert monitor.reference.model == "resnet18" and monitor.reference.kwargs == {"num_classes": 10}
+    assert monitor.layers == ["blocks.*.attn", "blocks.*.mlp"]
+    assert [a.name for a in monitor.analyses] == ["attention", "heads", "residual", "rank", "cka", "linear_probe"]
+    assert monitor.analyses[4].permutations == 39
+
+
+def test_lightning_cli_takes_a_reference_by_name(tmp_path):
+    from pytorch_lightning.cli import LightningCLI
+
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "trainer:\n  callbacks:\n    - class_path: lightning_cka.CKAMonitor\n      init_args: {reference: resnet18}\n"
+    )
+    cli = LightningCLI(pl.LightningModule, run=False, args=["--config", str(config)])
+    (monitor,) = [c for c in cli.trainer.callbacks if isinstance(c, CKAMonitor)]
+    assert monitor.reference.model == "resnet18" and monitor.analyses[0].name == "cka"

@@ -13,28 +13,25 @@ from lightning_cka import CKAResult
 HERE = Path(__file__).parent
 
 
+def start(out, devices, *extra):
+    return subprocess.Popen(
+        [sys.executable, str(HERE / "ddp_fit.py"), "--devices", str(devices), "--out", str(out), *extra],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "default"},
+    )
+
+
 def test_ddp_two_processes_write_the_same_arrays_as_one_and_report_a_failure_on_rank_1(tmp_path):
     # Both fits at once: the one-process fit leaves a core idle while the other starts its two processes.
-    procs = {
-        devices: subprocess.Popen(
-            [
-                sys.executable,
-                str(HERE / "ddp_fit.py"),
-                "--devices",
-                str(devices),
-                "--out",
-                str(tmp_path / f"devices{devices}"),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "PYTHONWARNINGS": "default"},
-        )
-        for devices in (1, 2)
-    }
+    procs = {devices: start(tmp_path / f"devices{devices}", devices) for devices in (1, 2)}
     outputs = {devices: proc.communicate(timeout=300)[1] for devices, proc in procs.items()}
     for devices, proc in procs.items():
         assert proc.returncode == 0, outputs[devices][-3000:]
+    # Said once, by rank 0 (Lightning's rank_zero_warn), not once per rank or per probe.
+    assert outputs[2].count("the probe at step 4 failed") == 1
+    assert outputs[2].count("default analyses that do not apply") <= 1
     single, double = tmp_path / "devices1" / "run", tmp_path / "devices2" / "run"
     assert [p.name for p in double.iterdir()] == ["version_0"]  # one set of files
     assert array_steps(single / "version_0") == [0, 2, 4, 6]
@@ -55,3 +52,15 @@ def test_ddp_two_processes_write_the_same_arrays_as_one_and_report_a_failure_on_
             keys = [k for k in keys if not k.startswith("previous")]
         for key in keys:
             np.testing.assert_allclose(b.get(key), a.get(key), rtol=1e-7, atol=1e-8, err_msg=key)
+
+
+def test_ddp_a_rank_without_a_probe_minibatch_takes_part_in_every_analysis(tmp_path):
+    proc = start(tmp_path, 2, "--probe-size", "8")  # one minibatch of 8: rank 1 has none
+    err = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 0, err[-3000:]
+    log_dir = tmp_path / "run" / "version_0"
+    assert array_steps(log_dir) == [0, 2, 4, 6]  # rank 1 runs no forward pass, so its failure at step 4 never comes
+    result = CKAResult.load(log_dir / "cka" / "step_0000006.npz")
+    assert result.minibatch_sizes.tolist() == [8] and result.localization is not None
+    assert result.linear_probe_accuracy is not None and np.isfinite(result.intra).all()
+    assert "left out" not in err

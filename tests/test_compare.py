@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 import reference as ref
@@ -6,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_cka import CKAResult, compare_models, find_layers
+from lightning_cka.analyses import EffectiveRank, HeadCKA, LayerCKA, Localization, ResidualRatio
 from lightning_cka.functional import patch_distances
 
 
@@ -13,6 +16,11 @@ from lightning_cka.functional import patch_distances
 def models():
     torch.manual_seed(0)
     return timm.create_model("test_vit"), timm.create_model("test_resnet")
+
+
+def without_attention(reference=False):
+    """What attention=False ran: the default analyses but attention (heads only apply next to a reference)."""
+    return [LayerCKA(), *([HeadCKA()] if reference else []), ResidualRatio(), EffectiveRank()]
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +82,7 @@ class DictDataset(Dataset):
 
 def test_tensor_dataset_and_dataloader_inputs_agree(models, images):
     vit, resnet = models
-    from_tensor = compare_models(vit, resnet, data=images, batch_size=10, attention=False)
+    from_tensor = compare_models(vit, resnet, data=images, batch_size=10, analyses=without_attention(reference=True))
     from_dataset = compare_models(vit, resnet, data=TensorDataset(images, torch.zeros(20)), batch_size=10)
     from_loader = compare_models(vit, resnet, data=DataLoader(DictDataset(images), batch_size=10))
     for other in (from_dataset, from_loader):
@@ -84,12 +92,15 @@ def test_tensor_dataset_and_dataloader_inputs_agree(models, images):
 
 def test_small_last_minibatches_are_merged_or_skipped(models, images):
     vit, _ = models
-    merged = compare_models(vit, data=images[:18], batch_size=8, attention=False)  # 8 + 10: the 2 join the last 8
+    merged = compare_models(
+        vit, data=images[:18], batch_size=8, analyses=without_attention()
+    )  # 8 + 10: the 2 join the last 8
     assert merged.num_examples == 18
     with pytest.warns(UserWarning, match="skipped a minibatch of 2 examples"):
-        skipped = compare_models(vit, data=DataLoader(TensorDataset(images[:18]), batch_size=8), attention=False)
+        loader = DataLoader(TensorDataset(images[:18]), batch_size=8)
+        skipped = compare_models(vit, data=loader, analyses=without_attention())
     assert skipped.num_examples == 16
-    with pytest.raises(ValueError, match="at least 4"):
+    with pytest.raises(ValueError, match="batch_size must be an int >= 4"):
         compare_models(vit, data=images, batch_size=3)
 
 
@@ -154,7 +165,7 @@ def test_files_of_version_one_still_load(tmp_path):
 
 def test_a_failed_write_leaves_no_file_under_the_final_name(models, images, tmp_path, monkeypatch):
     vit, _ = models
-    result = compare_models(vit, data=images[:8], batch_size=8, attention=False)
+    result = compare_models(vit, data=images[:8], batch_size=8, analyses=without_attention())
     path = result.save(tmp_path / "step_0000001.npz")
     before = path.read_bytes()
 
@@ -178,7 +189,32 @@ def test_unknown_fields_are_an_error_that_names_them():
 
 def test_compare_models_errors_name_the_fix(models):
     vit, _ = models
+    data = torch.randn(8, 3, 160, 160)
     with pytest.raises(ValueError, match="permutations"):
-        compare_models(vit, data=torch.randn(8, 3, 160, 160), permutations=-1)
+        compare_models(vit, data=data, analyses=[LayerCKA(permutations=-1)])
     with pytest.raises(ValueError, match="minibatch_weights"):
-        compare_models(vit, data=torch.randn(8, 3, 160, 160), minibatch_weights="rows")
+        compare_models(vit, data=data, analyses=[LayerCKA(minibatch_weights="rows")])
+    with pytest.raises(ValueError, match="no analysis is called 'nope'"):
+        compare_models(vit, data=data, analyses=["cka", "nope"])
+    with pytest.raises(ValueError, match="cka given more than once"):
+        compare_models(vit, data=data, analyses=["cka", LayerCKA(permutations=0)])
+    with pytest.raises(ValueError, match="batch_size"):
+        compare_models(vit, data=data, batch_size=3)
+
+
+def test_named_analyses_that_do_not_apply_or_fail_are_left_out_with_a_warning(models, images):
+    vit, _ = models
+    analyses = [LayerCKA(permutations=0), "heads", Localization(layer="head", permutations=0)]
+    with pytest.warns(UserWarning) as record:
+        result = compare_models(vit, data=images[:8], batch_size=8, analyses=analyses)
+    messages = [str(w.message) for w in record]
+    assert any(m.startswith("compare_models: the heads analysis is left out: ") and "reference" in m for m in messages)
+    assert any(
+        m.startswith("compare_models: the localization analysis failed (") and "no positions" in m for m in messages
+    )
+    assert [a.name for a in result.analyses] == ["cka"]
+    assert result.intra.shape == (6, 6) and "head_reference" not in result and "localization" not in result
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # defaults that do not apply (heads without a reference) are left out quietly
+        result = compare_models(vit, data=images[:8], batch_size=8)
+    assert [a.name for a in result.analyses] == ["cka", "attention", "residual", "rank"]

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from lightning_cka import compare_models
-from lightning_cka.analyses import ANALYSES
+from lightning_cka.analyses import builtin_analyses
 from lightning_cka.result import PROBE_FIELDS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +21,7 @@ LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 def _field_keys() -> list[str]:
     keys = []
-    for field in [*PROBE_FIELDS, *(f for analysis in ANALYSES for f in analysis.fields)]:
+    for field in [*PROBE_FIELDS, *(f for analysis in builtin_analyses() for f in analysis.fields)]:
         keys.append(field.key)
         if field.per_model:
             keys.append(f"reference_{field.key}")
@@ -42,7 +42,7 @@ def figure_tags() -> list[str]:
     vit = timm.create_model("test_vit", num_classes=10).eval()
     resnet = timm.create_model("test_resnet", num_classes=10).eval()
     data = TensorDataset(torch.randn(48, 3, 160, 160), torch.from_numpy(np.random.default_rng(0).permutation(48) % 10))
-    result = compare_models(vit, resnet, data=data, batch_size=16, localization=True, linear_probe=True)
+    result = compare_models(vit, resnet, data=data, batch_size=16, analyses=["default", "localization", "linear_probe"])
     return [figure.tag for figure in result.figures()]
 
 

@@ -155,8 +155,11 @@ def test_monitor_flags(flags, reference, reference_kwargs):
     args = train.build_parser().parse_args(["--layers", "blocks.0,blocks.1", "--layers", "blocks.5", *flags])
     monitor = train.make_monitor(args, num_classes=10)
     assert monitor.layers == ["blocks.0", "blocks.1", "blocks.5"]
-    assert (monitor.reference, monitor.reference_kwargs) == (reference, reference_kwargs)
-    assert (monitor.every_n_train_steps, monitor.probe_size, monitor.batch_size) == (25, 256, 128)
+    if reference is None:
+        assert monitor.reference is None
+    else:
+        assert (monitor.reference.model, monitor.reference.kwargs) == (reference, reference_kwargs)
+    assert (monitor.every_n_train_steps, monitor.sampler.size, monitor.batch_size) == (25, 256, 128)
     assert monitor.log_images is ("--no-images" not in flags)
 
 

@@ -5,71 +5,56 @@ Taps timm attention modules (probabilities recomputed from ``q`` and ``k``, fuse
 ``attention_entropy`` and the uniform-attention distance; draws ``attention/mean_distance``.
 """
 
-from collections.abc import Mapping
-from typing import Any
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import Tensor
-from torchmetrics.utilities import rank_zero_warn
 from typing_extensions import override
 
-from lightning_cka.engine.analysis import Analysis, Field, Minibatch, View
-from lightning_cka.engine.models import ProbedModel
+from lightning_cka.engine import options as check
+from lightning_cka.engine.analysis import Analysis, Field, Minibatch, ProbeSetup, View
 from lightning_cka.figures.spec import Dots, Figure, Line, Series
-from lightning_cka.functional.attention import _attention_distance_update
-from lightning_cka.metrics.sums import TensorSums
-from lightning_cka.result import CKAResult
 from lightning_cka.stats import nanmean
-from lightning_cka.taps.attention import AttentionSite, AttentionTap, attention_sites
-from lightning_cka.taps.base import Tap
-from lightning_cka.taps.layers import display_names
 
+if TYPE_CHECKING:
+    import torch
 
-class AttentionStatsTap(AttentionTap):
-    """Per forward pass, the sums over images of each head's mean attention distance and attention entropy."""
-
-    def __init__(self, sites: list[AttentionSite], renormalize: bool) -> None:
-        super().__init__(sites)
-        self.renormalize = renormalize
-        self.num_heads = max(site.num_heads for site in sites)
-        self._sums: dict[str, Tensor] = {}
-
-    @override
-    def begin(self, inputs: Tensor | None) -> None:
-        super().begin(inputs)
-        device = inputs.device if inputs is not None else torch.device("cpu")
-        shape = (len(self.sites), self.num_heads)
-        self._sums = {k: torch.zeros(shape, dtype=torch.float64, device=device) for k in _SUMS}
-
-    @override
-    def consume(self, layer: int, probs: Tensor, distances: Tensor) -> None:
-        site = self.sites[layer]
-        heads = probs.shape[1]
-        self._sums["distance"][layer, :heads] += _attention_distance_update(
-            probs, distances, site.num_prefix_tokens, self.renormalize
-        )
-        # Entropy (nats) of each query's attention over all keys, averaged over queries, summed over images.
-        entropy = torch.special.entr(probs).sum(dim=-1)  # (b, H, T): -p log p, one fused op
-        self._sums["entropy"][layer, :heads] += entropy.mean(dim=-1).sum(dim=0, dtype=torch.float64)
-        self._sums["count"][layer, :heads] += probs.shape[0]
-
-    @override
-    def collect(self) -> dict[str, Tensor]:
-        return self._sums
-
-
-_SUMS = ("distance", "entropy", "count")
+    from lightning_cka.engine.models import ProbedModel
+    from lightning_cka.result import CKAResult
+    from lightning_cka.taps.base import Tap
 
 
 class AttentionStats(Analysis):
-    """Mean attention distance (pixels) and entropy (nats) per head of every timm attention module."""
+    """Mean attention distance (pixels) and entropy (nats) per head of every timm attention module.
+
+    Args:
+        renormalize: renormalize each query's attention over the patch keys before its distance, so that attention
+            paid to CLS, distillation or register tokens does not count as distance 0 (see
+            :func:`lightning_cka.functional.mean_attention_distance`).
+        local_threshold: a head counts as local when its mean distance is below this fraction of the distance of
+            uniform attention over the patch grid (16.5 px for 8 x 8 patches of 4 px, 116.5 px for ViT-B/16 at 224).
+    """
 
     name = "attention"
+    default = True
+    position = 20
     fields = (
         Field("attention_layers", "names", "(La,) attention modules measured", per_model=True),
-        Field("mean_attention_distance", "array", "(La, H) mean attention distance per head, pixels", per_model=True),
-        Field("attention_entropy", "array", "(La, H) mean entropy of each head's attention, nats", per_model=True),
+        Field(
+            "mean_attention_distance",
+            "array",
+            "(La, H) mean attention distance per head, pixels",
+            True,
+            ("attention_layers", "H"),
+        ),
+        Field(
+            "attention_entropy",
+            "array",
+            "(La, H) mean entropy of each head's attention, nats",
+            True,
+            ("attention_layers", "H"),
+        ),
         Field(
             "uniform_attention_distance",
             "float",
@@ -77,26 +62,38 @@ class AttentionStats(Analysis):
             per_model=True,
         ),
         Field("attention_skipped", "names", "attention modules left out, with the reason", per_model=True),
+        Field(
+            "attention_renormalized",
+            "int",
+            "1: distances renormalized over patch keys; 0: attention to prefix tokens counted as distance 0",
+            per_model=True,
+        ),
     )
 
+    def __init__(self, renormalize: bool = False, local_threshold: float = 0.5) -> None:
+        owner = type(self).__name__
+        self.renormalize = check.flag(owner, "renormalize", renormalize)
+        self.local_threshold = check.number(
+            owner, "local_threshold", local_threshold, 0.0, 1.0, "a fraction of the uniform-attention distance"
+        )
+
+    def threshold(self, view: View) -> float:
+        """The local-head fraction in force: the view's override, else this analysis's own."""
+        return view.local_threshold if view.local_threshold is not None else self.local_threshold
+
     @override
-    def bind(self, models: Mapping[str, ProbedModel]) -> bool:
-        setting = self.options.attention
-        if setting is False:
-            return False
-        self._models = dict(models)
-        self._sites = {role: attention_sites(model.modules) for role, model in models.items()}
-        self._sites = {role: sites for role, sites in self._sites.items() if sites}
-        if setting is True and "model" not in self._sites:
-            raise ValueError(
-                f"attention=True, but {type(models['model'].module).__name__} has no timm Attention module under a "
-                "patch_embed with a patch grid (a timm ViT). Pass attention=False (or 'auto')."
-            )
-        self._taps = {
-            role: AttentionStatsTap(sites, self.options.renormalize_attention) for role, sites in self._sites.items()
-        }
+    def bind(self, setup: ProbeSetup) -> bool | str:
+        from lightning_cka.taps.attention import AttentionStatsTap, attention_sites
+
+        self._models = dict(setup.models)
+        sites = {role: attention_sites(model.modules) for role, model in self._models.items()}
+        sites = {role: found for role, found in sites.items() if found}
+        if not sites:
+            names = " nor ".join(model.label or type(model.module).__name__ for model in self._models.values())
+            return f"{names} has no timm Attention module under a patch_embed with a patch grid (a timm ViT)"
+        self._taps = {role: AttentionStatsTap(found, self.renormalize) for role, found in sites.items()}
         self._warned: set[str] = set()
-        return bool(self._sites)
+        return True
 
     @override
     def taps(self, model: ProbedModel) -> list[Tap]:
@@ -105,8 +102,11 @@ class AttentionStats(Analysis):
 
     @override
     def start(self, num_minibatches: int, device: torch.device) -> None:
+        from lightning_cka.metrics.sums import TensorSums
+        from lightning_cka.taps.attention import ATTENTION_SUMS
+
         self._sums = {
-            role: TensorSums({k: (len(tap.sites), tap.num_heads) for k in _SUMS}).to(device)
+            role: TensorSums({k: (len(tap.sites), tap.num_heads) for k in ATTENTION_SUMS}).to(device)
             for role, tap in self._taps.items()
         }
 
@@ -123,6 +123,10 @@ class AttentionStats(Analysis):
 
     @override
     def finalize(self, reduced: Any) -> dict[str, Any]:
+        from pytorch_lightning.utilities.rank_zero import rank_zero_warn
+
+        from lightning_cka.taps.layers import display_names
+
         out: dict[str, Any] = {}
         for role, sums in reduced.items():
             model, tap = self._models[role], self._taps[role]
@@ -143,13 +147,13 @@ class AttentionStats(Analysis):
             out[f"{model.prefix}mean_attention_distance"] = distance[kept]
             out[f"{model.prefix}attention_entropy"] = entropy[kept]
             out[f"{model.prefix}uniform_attention_distance"] = tap.uniform_distance(tap.sites[int(kept[0])])
+            out[f"{model.prefix}attention_renormalized"] = int(self.renormalize)
             if skipped:
                 out[f"{model.prefix}attention_skipped"] = skipped
         return out
 
-    @classmethod
     @override
-    def figures(cls, result: CKAResult, previous: CKAResult | None, view: View) -> list[Figure]:
+    def figures(self, result: CKAResult, previous: CKAResult | None, view: View) -> list[Figure]:
         figures = []
         for role, tag in (("model", "attention/mean_distance"), ("reference", "attention/reference_mean_distance")):
             part = result.part(role)
@@ -159,25 +163,24 @@ class AttentionStats(Analysis):
                 part.mean_attention_distance,
                 part.attention_layers,
                 part.uniform_attention_distance,
-                view.local_threshold,
+                self.threshold(view),
             )
             caption = (
                 "One dot per head (heads at the same distance are spread sideways). Below the dashed line a head "
                 "attends locally, near the top it attends everywhere. Raghu et al. 2021: lower ViT layers mix local "
-                "and global heads; with too little data they learn no local heads."
-            )
+                f"and global heads; with too little data they learn no local heads. {_convention(part)}"
+            ).strip()
             title = "Mean attention distance per head" + (" of the reference" if role == "reference" else "")
             figures.append(Figure(tag, title, (panel,), caption, view.subtitle(result)))
         return figures
 
-    @classmethod
     @override
-    def scalars(cls, result: CKAResult, view: View) -> dict[str, float]:
+    def scalars(self, result: CKAResult, view: View) -> dict[str, float]:
         scalars: dict[str, float] = {}
         distances, layers = result.mean_attention_distance, result.attention_layers
         if distances is None:
             return scalars
-        threshold = view.local_threshold * (result.uniform_attention_distance or float("nan"))
+        threshold = self.threshold(view) * (result.uniform_attention_distance or float("nan"))
         entropy = result.attention_entropy
         finite = distances[np.isfinite(distances)]
         scalars["attention/first_layer_distance"] = nanmean(distances[0])
@@ -193,6 +196,15 @@ class AttentionStats(Analysis):
             if entropy is not None:
                 scalars[f"attention/entropy/{name}"] = nanmean(entropy[i])
         return scalars
+
+
+def _convention(part: CKAResult) -> str:
+    """Which convention the distances follow, where the model has prefix tokens for it to matter."""
+    if part.attention_renormalized is None:
+        return ""
+    if part.attention_renormalized:
+        return "Distances renormalized over the patch keys (attention to CLS/register tokens left out)."
+    return "Attention paid to CLS/register tokens counts as distance 0 (renormalize=False)."
 
 
 def distance_panel(

@@ -2,162 +2,103 @@
 
 Taps the input of each timm attention module's output projection ``attn.proj``: ``(B, T, H·d)``, head-major, so head
 ``h`` is channels ``h·d:(h+1)·d``. Each head's ``(B, T, d)`` slice is reduced like the model's layers and turned into
-its centered Gram in the hook; the reference's layer Grams come from the shared :class:`LayerGrams` tap (the one layer
-CKA uses). One cross-mode :class:`MinibatchCKA` (all heads of all attention modules against the reference layers)
-accumulates the HSIC per minibatch, so each head's CKA gets a jackknife standard error and a permutation-null
-threshold. Stores ``head_reference`` (+ ``_se``, ``_null``) and ``head_layers``; draws ``attention/heads_vs_reference``
-(each head's CKA with the reference's lower layers against its mean attention distance, from the attention analysis).
+its centered Gram in the hook (:class:`lightning_cka.taps.heads.HeadGrams`); the reference's layer Grams come from the
+shared :class:`LayerGrams` tap (the one layer CKA uses). One cross-mode :class:`MinibatchCKA` (all heads of all
+attention modules against the reference layers) accumulates the HSIC per minibatch, so each head's CKA gets a jackknife
+standard error and a permutation-null threshold. Stores ``head_reference`` (+ ``_se``, ``_null``) and ``head_layers``;
+draws ``attention/heads_vs_reference`` (each head's CKA with the reference's lower layers against its mean attention
+distance, from the attention analysis).
 """
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_cka.engine.analysis import Analysis, Field, Minibatch, View
-from lightning_cka.engine.models import ProbedModel
+from lightning_cka.engine import options as check
+from lightning_cka.engine.analysis import Analysis, Field, Minibatch, ProbeSetup, View
 from lightning_cka.figures.spec import Figure, Line, Scatter, Series
-from lightning_cka.functional.estimate import warn_degenerate
-from lightning_cka.metrics.minibatch_cka import MinibatchCKA
-from lightning_cka.result import CKAResult
-from lightning_cka.stats import nanmean, spearman
-from lightning_cka.taps.attention import AttentionSite, attention_sites
-from lightning_cka.taps.base import Tap
-from lightning_cka.taps.grams import LayerGrams, Reduction, TokenLayout, reduce_output, token_layout
-from lightning_cka.taps.layers import display_names
+from lightning_cka.stats import WEIGHTINGS, nanmean, spearman
+
+if TYPE_CHECKING:
+    import torch
+
+    from lightning_cka.engine.models import ProbedModel
+    from lightning_cka.result import CKAResult
+    from lightning_cka.taps.base import Tap
 
 # Up to this many attention layers every series is named in the legend; beyond it the renderer colours them as a ramp
 # (it has 10 categorical colours) and only the ends are named, so that 12 legend rows never cover the points.
 _NAMED_SERIES = 10
 
 
-class HeadGrams(Tap):
-    """The centered Gram of every attention head's output, per attention module, from the input of ``attn.proj``.
-
-    The hook reduces each head's ``(B, T, d)`` slice like :func:`lightning_cka.taps.grams.reduce_output` reduces a
-    layer (``flatten``: all ``T·d`` features; ``mean``: the mean over patch tokens, prefix tokens left out; ``cls``:
-    token 0) and keeps only its ``(B, B)`` Gram, so nothing of the activation outlives the hook. With ``scale_norm`` or
-    ``gated`` attention, ``proj``'s input is the normalized / gated head output: that is what the projection mixes.
-
-    Args:
-        sites: the attention modules.
-        head_dims: each module's channels per head.
-        reduction: the model's reduction.
-        layouts: each module's token layout (its prefix tokens and whether it has a class token).
-    """
-
-    def __init__(
-        self, sites: Sequence[AttentionSite], head_dims: Sequence[int], reduction: Reduction, layouts: list[TokenLayout]
-    ) -> None:
-        self.sites = list(sites)
-        self.head_dims = list(head_dims)
-        self.reduction = reduction
-        self.layouts = layouts
-        self.key = ("head_grams", tuple(site.name for site in self.sites), reduction)
-        self._grams: dict[int, list[Tensor]] = {}
-        self._batch_size: int | None = None
-
-    @override
-    def hooks(self, modules: Mapping[str, nn.Module]) -> list[RemovableHandle]:
-        return [
-            modules[f"{site.name}.proj"].register_forward_pre_hook(self._hook(layer))
-            for layer, site in enumerate(self.sites)
-        ]
-
-    @override
-    def begin(self, inputs: Tensor | None) -> None:
-        self._grams = {}
-        self._batch_size = None if inputs is None else inputs.shape[0]
-
-    def _hook(self, layer: int):
-        site, head_dim, layout = self.sites[layer], self.head_dims[layer], self.layouts[layer]
-        width = site.num_heads * head_dim
-
-        def hook(module: nn.Module, args: tuple) -> None:
-            if layer in self._grams:
-                raise RuntimeError(
-                    f"'{site.name}.proj' ran more than once in one forward pass, so its heads have no single output. "
-                    "Pass heads=False."
-                )
-            x = args[0] if args else None
-            if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != width:
-                shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-                raise RuntimeError(
-                    f"'{site.name}.proj' got {shape}, not (B, T, {width}) = {site.num_heads} heads x {head_dim}: its "
-                    "forward is not the one of timm.layers.Attention. Pass heads=False."
-                )
-            if self._batch_size is not None and x.shape[0] != self._batch_size:
-                raise RuntimeError(
-                    f"'{site.name}.proj' got {x.shape[0]} examples, but the batch has {self._batch_size}: the heads of "
-                    "a module that folds other dims into the batch cannot be compared. Pass heads=False."
-                )
-            features = reduce_output(x, self.reduction, layout, site.name)  # (B, T, H·d) or (B, H·d)
-            heads = features.unflatten(-1, (site.num_heads, head_dim))  # (B, [T,] H, d), head-major channels
-            self._grams[layer] = list(head_grams(heads).unbind(0))
-
-        return hook
-
-    @override
-    def collect(self) -> list[list[Tensor]]:
-        missing = [site.name for layer, site in enumerate(self.sites) if layer not in self._grams]
-        if missing:
-            raise RuntimeError(
-                f"attention module(s) {', '.join(missing)} did not run in the latest forward pass (or no forward pass "
-                "ran). Pass heads=False."
-            )
-        return [self._grams[layer] for layer in range(len(self.sites))]
-
-
 class HeadCKA(Analysis):
     """Minibatch CKA of every attention head's output with every reference layer.
 
-    On when the option ``heads`` is ``True`` or ``"auto"`` with a reference and timm attention modules. The figure
-    ``attention/heads_vs_reference`` puts each head's *lower-reference CKA* (its mean CKA over the first third of the
-    reference's layers, rounded down, at least one layer) against its mean attention distance.
+    Applies to a model with timm attention modules next to a reference. The figure ``attention/heads_vs_reference``
+    puts each head's *lower-reference CKA* (its mean CKA over the first third of the reference's layers, rounded down,
+    at least one layer) against its mean attention distance.
+
+    Args:
+        permutations: permutations of the null per minibatch (19: the 5% permutation test; 0: no null).
+        minibatch_weights: ``"equal"`` or ``"size"``: how minibatches count in the HSIC sums (see :class:`LayerCKA`).
     """
 
     name = "heads"
+    default = True
+    position = 30
     fields = (
         Field(
             "head_reference",
             "array",
             "(La, H, Lr) CKA of each head (attention layer, head) with each reference layer; NaN for missing heads",
+            shape=("head_layers", "H", "reference_layers"),
         ),
-        Field("head_reference_se", "array", "(La, H, Lr) its block-jackknife standard error over minibatches"),
-        Field("head_reference_null", "array", "(La, H, Lr) its 5% permutation-null threshold"),
+        Field(
+            "head_reference_se",
+            "array",
+            "(La, H, Lr) its block-jackknife standard error over minibatches",
+            shape=("head_layers", "H", "reference_layers"),
+        ),
+        Field(
+            "head_reference_null",
+            "array",
+            "(La, H, Lr) its 5% permutation-null threshold",
+            shape=("head_layers", "H", "reference_layers"),
+        ),
         Field("head_layers", "names", "(La,) the attention modules whose heads are compared"),
     )
 
+    def __init__(self, permutations: int = 19, minibatch_weights: str = "equal") -> None:
+        owner = type(self).__name__
+        self.permutations = check.integer(owner, "permutations", permutations, 0, 1000, "19 give the 5% test")
+        self.minibatch_weights = check.choice(owner, "minibatch_weights", minibatch_weights, WEIGHTINGS)
+
     @override
-    def bind(self, models: Mapping[str, ProbedModel]) -> bool:
-        setting = self.options.heads
-        if setting is False:
-            return False
-        model, reference = models["model"], models.get("reference")
+    def bind(self, setup: ProbeSetup) -> bool | str:
+        from lightning_cka.taps.attention import attention_sites
+        from lightning_cka.taps.grams import LayerGrams, TokenLayout, token_layout
+        from lightning_cka.taps.heads import HeadGrams, head_dim
+        from lightning_cka.taps.layers import display_names
+
+        model, reference = setup.models["model"], setup.models.get("reference")
         sites = attention_sites(model.modules)
-        if setting is True and reference is None:
-            raise ValueError(
-                "heads=True compares every attention head with the layers of a reference model, but there is none: "
-                "give a reference (CKAMonitor(reference=...), compare_models(model_a, model_b, ...)) or pass "
-                "heads=False."
-            )
-        if setting is True and not sites:
-            raise ValueError(
-                f"heads=True, but {type(model.module).__name__} has no timm Attention module under a patch_embed with "
-                "a patch grid (a timm ViT), so it has no heads to compare. Pass heads=False (or 'auto')."
-            )
-        if reference is None or not sites:
-            return False
-        head_dims = [_head_dim(model.modules, site) for site in sites]
+        if reference is None:
+            return "it compares every attention head with the layers of a reference model, and there is none"
+        if not sites:
+            return f"{model.label or type(model.module).__name__} has no timm Attention module with heads to compare"
+        try:
+            head_dims = [head_dim(model.modules, site) for site in sites]
+        except ValueError as err:
+            return str(err)
         layouts = []
         for site in sites:
             layout = token_layout(model.modules, site.name)
             layouts.append(TokenLayout(site.num_prefix_tokens, layout.has_class_token, False))
-        self._model, self._reference = model, reference
+        self._model, self._reference, self._seed = model, reference, setup.seed
         self._sites = sites
         self._head_tap = HeadGrams(sites, head_dims, model.reduction, layouts)
         self._reference_tap = LayerGrams(reference.layers, reference.reduction, reference.layouts)  # shared key
@@ -170,13 +111,15 @@ class HeadCKA(Analysis):
 
     @override
     def start(self, num_minibatches: int, device: torch.device) -> None:
+        from lightning_cka.metrics.minibatch_cka import MinibatchCKA
+
         self._metric = MinibatchCKA(
             num_layers_a=sum(site.num_heads for site in self._sites),
             num_layers_b=len(self._reference.layers),
             num_minibatches=num_minibatches,
-            permutations=self.options.permutations,
-            seed=self.options.seed,
-            minibatch_weights=self.options.minibatch_weights,
+            permutations=self.permutations,
+            seed=self._seed,
+            minibatch_weights=self.minibatch_weights,
             warn=False,
         ).to(device)
 
@@ -193,6 +136,8 @@ class HeadCKA(Analysis):
 
     @override
     def finalize(self, reduced: Any) -> dict[str, Any]:
+        from lightning_cka.functional.estimate import warn_degenerate
+
         estimate = reduced
         heads = [site.num_heads for site in self._sites]
         starts = np.cumsum([0, *heads])
@@ -207,9 +152,8 @@ class HeadCKA(Analysis):
             out[f"head_reference{key}"] = padded
         return out
 
-    @classmethod
     @override
-    def figures(cls, result: CKAResult, previous: CKAResult | None, view: View) -> list[Figure]:
+    def figures(self, result: CKAResult, previous: CKAResult | None, view: View) -> list[Figure]:
         lower, used = lower_reference_cka(result.head_reference, result.reference_layers)
         distances = _aligned_distances(result)
         if lower is None or distances is None:
@@ -228,7 +172,7 @@ class HeadCKA(Analysis):
         uniform = result.uniform_attention_distance
         finite = distances[np.isfinite(distances) & np.isfinite(lower)]
         if uniform and np.isfinite(uniform) and finite.size:
-            threshold = view.local_threshold * uniform
+            threshold = _local_fraction(result, view) * uniform
             if finite.min() <= threshold <= finite.max():
                 lines.append(Line(threshold, f"local below {threshold:.1f} px", axis="x", style="dashed"))
             else:  # off the axis: a line there would stretch it and squeeze the points into a corner
@@ -255,9 +199,8 @@ class HeadCKA(Analysis):
         )
         return [figure]
 
-    @classmethod
     @override
-    def scalars(cls, result: CKAResult, view: View) -> dict[str, float]:
+    def scalars(self, result: CKAResult, view: View) -> dict[str, float]:
         scalars: dict[str, float] = {}
         lower, _ = lower_reference_cka(result.head_reference, result.reference_layers)
         if lower is None:
@@ -268,21 +211,6 @@ class HeadCKA(Analysis):
         for name, heads in zip(result.head_layers or [], lower, strict=False):
             scalars[f"heads/lower_reference_cka/{name}"] = nanmean(heads)
         return scalars
-
-
-def head_grams(heads: Tensor) -> Tensor:
-    """``(H, B, B)`` centered Grams of every head of ``(B, [T,] H, d)`` features, from one batched product.
-
-    Centered as :func:`lightning_cka.functional.hsic.gram` centers (relative to the first example, then the mean), in
-    float32 (float64 for float64 input). One copy of the features per call: 3x cheaper than a Gram per head slice,
-    whose strided features would each be copied and centered on their own.
-    """
-    dtype = torch.float64 if heads.dtype == torch.float64 else torch.float32
-    with torch.autocast(heads.device.type, enabled=False):
-        x = heads.to(dtype) - heads[:1].to(dtype)
-        x = x - x.mean(dim=0)
-        per_head = x.movedim(-2, 0).reshape(x.shape[-2], x.shape[0], -1)  # (H, B, [T·]d)
-        return torch.bmm(per_head, per_head.mT)
 
 
 def lower_reference_cka(
@@ -340,14 +268,9 @@ def _span(names: Sequence[str]) -> str:
     return f"{names[0]} to {names[-1]}"
 
 
-def _head_dim(modules: Mapping[str, nn.Module], site: AttentionSite) -> int:
-    attention = modules[site.name]
-    proj = modules.get(f"{site.name}.proj")
-    head_dim = getattr(attention, "head_dim", None)
-    width = site.num_heads * head_dim if isinstance(head_dim, int) else None
-    if not isinstance(proj, nn.Linear) or proj.in_features != width:
-        raise ValueError(
-            f"attention module '{site.name}' has no nn.Linear 'proj' taking its {site.num_heads} heads x "
-            f"{head_dim} channels, so its heads cannot be read. Pass heads=False."
-        )
-    return head_dim
+def _local_fraction(result: CKAResult, view: View) -> float:
+    """The local-head fraction in force: the view's, else the attention analysis's (0.5 without one)."""
+    attention = result.analysis("attention")
+    if view.local_threshold is not None:
+        return view.local_threshold
+    return float(getattr(attention, "local_threshold", 0.5))

@@ -6,25 +6,25 @@ matrices with their jackknife standard errors, leave-one-minibatch-out replicate
 ``cka/intra``, ``cka/reference``, ``cka/intra_change`` and ``cka/reference_intra``.
 """
 
-from collections.abc import Mapping
-from typing import Any
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import Tensor
 from typing_extensions import override
 
-from lightning_cka.engine.analysis import Analysis, Field, Minibatch, View
-from lightning_cka.engine.models import ProbedModel
+from lightning_cka.engine import options as check
+from lightning_cka.engine.analysis import Analysis, Field, Minibatch, ProbeSetup, View
 from lightning_cka.figures.cka import NULL_MARK, change_panel, cka_panel
 from lightning_cka.figures.spec import Figure
-from lightning_cka.functional.estimate import NULL_LEVEL, warn_degenerate
-from lightning_cka.metrics.minibatch_cka import MinibatchCKA
-from lightning_cka.metrics.sums import TensorSums
-from lightning_cka.result import CKAResult
-from lightning_cka.stats import adjacent_mean, best_matches, jackknife_se, nanmean, offdiag_mean
-from lightning_cka.taps.base import Tap
-from lightning_cka.taps.grams import LayerGrams
+from lightning_cka.stats import NULL_LEVEL, WEIGHTINGS, adjacent_mean, best_matches, jackknife_se, nanmean, offdiag_mean
+
+if TYPE_CHECKING:
+    import torch
+
+    from lightning_cka.engine.models import ProbedModel
+    from lightning_cka.result import CKAResult
+    from lightning_cka.taps.base import Tap
 
 INTRA_CAPTION = (
     "Bright: two layers represent the probe images alike (1 = the same up to rotation and scale); dark: unrelated. "
@@ -33,37 +33,84 @@ INTRA_CAPTION = (
 
 
 class LayerCKA(Analysis):
-    """Minibatch CKA of every pair of monitored layers (always on)."""
+    """Minibatch CKA of every pair of monitored layers, with the reference's and with the previous probe's layers.
+
+    Args:
+        permutations: permutations of the null per minibatch (19: the 5% permutation test; 0: no null).
+        minibatch_weights: ``"equal"`` (every minibatch counts the same) or ``"size"`` (by ``n(n - 3)``, as
+            google-research's ``efficient_CKA.py``): how minibatches of unequal size count in the HSIC sums.
+    """
 
     name = "cka"
+    default = True
+    position = 10
     fields = (
-        Field("intra", "array", "(L, L) minibatch CKA of the layers with each other", per_model=True),
-        Field("intra_se", "array", "(L, L) its block-jackknife standard error over minibatches", per_model=True),
+        Field("intra", "array", "(L, L) minibatch CKA of the layers with each other", True, ("layers", "layers")),
         Field(
-            "intra_null", "array", "(L, L) its 5% permutation-null threshold (|CKA| above it is real)", per_model=True
+            "intra_se",
+            "array",
+            "(L, L) its block-jackknife standard error over minibatches",
+            True,
+            ("layers", "layers"),
         ),
-        Field("intra_replicates", "array", "(M, L, L) the CKA with each minibatch left out", per_model=True),
-        Field("layer_features", "ints", "(L,) features of each layer after the reduction", per_model=True),
-        Field("layer_notes", "names", "(L,) why a layer's CKA is NaN ('' where it is not)", per_model=True),
-        Field("reference", "array", "(L, Lr) CKA of the model's layers (rows) with the reference's (columns)"),
-        Field("reference_se", "array", "(L, Lr) its standard error"),
-        Field("reference_null", "array", "(L, Lr) its null threshold"),
-        Field("reference_replicates", "array", "(M, L, Lr) its leave-one-minibatch-out replicates"),
-        Field("previous", "array", "(L, L) CKA of the layers now (rows) with the same layers at the previous probe"),
-        Field("previous_se", "array", "(L, L) its standard error"),
-        Field("previous_null", "array", "(L, L) its null threshold"),
+        Field(
+            "intra_null",
+            "array",
+            "(L, L) its 5% permutation-null threshold (|CKA| above it is real)",
+            True,
+            ("layers", "layers"),
+        ),
+        Field(
+            "intra_replicates",
+            "array",
+            "(M, L, L) the CKA with each minibatch left out",
+            True,
+            ("num_minibatches", "layers", "layers"),
+        ),
+        Field("layer_features", "ints", "(L,) features of each layer after the reduction", True, ("layers",)),
+        Field("layer_notes", "names", "(L,) why a layer's CKA is NaN ('' where it is not)", True),
+        Field(
+            "reference",
+            "array",
+            "(L, Lr) CKA of the model's layers (rows) with the reference's (columns)",
+            shape=("layers", "reference_layers"),
+        ),
+        Field("reference_se", "array", "(L, Lr) its standard error", shape=("layers", "reference_layers")),
+        Field("reference_null", "array", "(L, Lr) its null threshold", shape=("layers", "reference_layers")),
+        Field(
+            "reference_replicates",
+            "array",
+            "(M, L, Lr) its leave-one-minibatch-out replicates",
+            shape=("num_minibatches", "layers", "reference_layers"),
+        ),
+        Field(
+            "previous",
+            "array",
+            "(L, L) CKA of the layers now (rows) with the same layers at the previous probe",
+            shape=("layers", "layers"),
+        ),
+        Field("previous_se", "array", "(L, L) its standard error", shape=("layers", "layers")),
+        Field("previous_null", "array", "(L, L) its null threshold", shape=("layers", "layers")),
         Field("num_minibatches", "int", "minibatches of the probe (the jackknife's blocks)"),
-        Field("minibatch_sizes", "ints", "(M,) examples in each minibatch"),
+        Field("minibatch_sizes", "ints", "(M,) examples in each minibatch", shape=(None,)),
         Field("permutations", "int", "permutations of the null per minibatch (19: the 5% test)"),
         Field("null_level", "float", "level of the null thresholds"),
         Field("minibatch_weights", "text", "'equal' or 'size': how minibatches are weighted in the HSIC sums"),
     )
 
+    def __init__(self, permutations: int = 19, minibatch_weights: str = "equal") -> None:
+        owner = type(self).__name__
+        self.permutations = check.integer(owner, "permutations", permutations, 0, 1000, "19 give the 5% test")
+        self.minibatch_weights = check.choice(owner, "minibatch_weights", minibatch_weights, WEIGHTINGS)
+
     @override
-    def bind(self, models: Mapping[str, ProbedModel]) -> bool:
-        self._models = dict(models)
-        self._taps = {role: LayerGrams(m.layers, m.reduction, m.layouts) for role, m in models.items()}
-        self._previous: dict[int, list[Tensor]] | None = None
+    def bind(self, setup: ProbeSetup) -> bool | str:
+        from lightning_cka.taps.grams import LayerGrams
+
+        self._models = dict(setup.models)
+        self._seed = setup.seed
+        self._taps = {role: LayerGrams(m.layers, m.reduction, m.layouts) for role, m in self._models.items()}
+        self._previous: dict[int, list[Any]] | None = None
         return True
 
     @override
@@ -82,21 +129,26 @@ class LayerCKA(Analysis):
 
     @override
     def start(self, num_minibatches: int, device: torch.device) -> None:
+        from lightning_cka.metrics.minibatch_cka import MinibatchCKA
+        from lightning_cka.metrics.sums import TensorSums
+
         total = sum(self._blocks.values())
         self._metric = MinibatchCKA(
             num_layers_a=total,
             num_minibatches=num_minibatches,
-            permutations=self.options.permutations,
-            seed=self.options.seed,
-            minibatch_weights=self.options.minibatch_weights,
+            permutations=self.permutations,
+            seed=self._seed,
+            minibatch_weights=self.minibatch_weights,
             warn=False,
         ).to(device)
         self._flags = TensorSums({"overflow": (total,), "sizes": (num_minibatches,)}).to(device)
-        self._current: dict[int, list[Tensor]] = {}
+        self._current: dict[int, list[Any]] = {}
         self._features: dict[str, list[int]] = {}
 
     @override
     def update(self, batch: Minibatch) -> None:
+        import torch
+
         model = batch.values["model"][self._taps["model"].key]
         parts, overflow = [model.grams], [model.overflow]
         if self._previous is not None:
@@ -123,6 +175,8 @@ class LayerCKA(Analysis):
 
     @override
     def finalize(self, reduced: Any) -> dict[str, Any]:
+        from lightning_cka.functional.estimate import warn_degenerate
+
         estimate, flags, blocks = reduced
         value, se, null = (t.cpu().numpy() for t in (estimate.value, estimate.se, estimate.null))
         replicates = estimate.replicates.cpu().numpy()
@@ -152,14 +206,13 @@ class LayerCKA(Analysis):
                     out["reference_replicates"] = replicates[:, model, cols]
         out["num_minibatches"] = estimate.num_minibatches
         out["minibatch_sizes"] = flags["sizes"].cpu().numpy().astype(np.int64)
-        out["permutations"] = self.options.permutations
+        out["permutations"] = self.permutations
         out["null_level"] = NULL_LEVEL
-        out["minibatch_weights"] = self.options.minibatch_weights
+        out["minibatch_weights"] = self.minibatch_weights
         return out
 
-    @classmethod
     @override
-    def figures(cls, result: CKAResult, previous: CKAResult | None, view: View) -> list[Figure]:
+    def figures(self, result: CKAResult, previous: CKAResult | None, view: View) -> list[Figure]:
         figures = []
         subtitle = view.subtitle(result)
         if result.intra is not None:
@@ -217,9 +270,8 @@ class LayerCKA(Analysis):
             figures.append(_change_figure(result, previous, subtitle))
         return figures
 
-    @classmethod
     @override
-    def scalars(cls, result: CKAResult, view: View) -> dict[str, float]:
+    def scalars(self, result: CKAResult, view: View) -> dict[str, float]:
         scalars: dict[str, float] = {}
         intra, layers = result.intra, result.layers
         if intra is not None and len(layers) > 1:

@@ -2,78 +2,33 @@
 
 RankMe is ``exp(-Σₖ pₖ log pₖ)`` with ``pₖ = σₖ / Σⱼ σⱼ`` over the singular values ``σ`` of a minibatch's centered
 features. The centered Gram ``XXᵀ`` of the shared :class:`LayerGrams` tap has eigenvalues ``σₖ²``, so no activation
-is needed: per layer and minibatch, one ``(n, n)`` eigendecomposition. The per-minibatch values are summed per global
+is needed (:func:`lightning_cka.functional.rank.effective_rank`). The per-minibatch values are summed per global
 minibatch index (DDP-exact) and averaged; stores ``effective_rank`` (+ ``reference_effective_rank``), draws
 ``rank/effective_rank``.
 """
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import Tensor
 from typing_extensions import override
 
-from lightning_cka.engine.analysis import Analysis, Field, Minibatch, View
-from lightning_cka.engine.models import ProbedModel
+from lightning_cka.engine.analysis import Analysis, Field, Minibatch, ProbeSetup, View
 from lightning_cka.figures.spec import Curves, Figure, Line, Series
-from lightning_cka.metrics.sums import TensorSums
-from lightning_cka.result import CKAResult
 from lightning_cka.stats import nanmean
-from lightning_cka.taps.base import Tap
-from lightning_cka.taps.grams import LayerGrams
 
-# Grams decomposed at once: bounds the float64 copy (a few (n, n) matrices) whatever the number of layers.
-_EIGEN_CHUNK_BYTES = 64 * 2**20
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+
+    from lightning_cka.engine.models import ProbedModel
+    from lightning_cka.result import CKAResult
+    from lightning_cka.taps.base import Tap
+
 # The bound line is drawn only when the ranks reach this fraction of it; otherwise it would flatten the curves.
 _BOUND_SHOWN_ABOVE = 0.25
-
-
-def effective_rank(grams: Sequence[Tensor] | Tensor) -> Tensor:
-    """RankMe effective rank of the features behind each centered Gram.
-
-    Singular values (as RankMe uses them, not the Gram's eigenvalues) are ``σₖ = sqrt(max(λₖ, 0))`` of the Gram's
-    eigenvalues ``λₖ``; eigenvalues below ``n · eps · λ_max`` (``eps`` of the Gram's dtype, the tolerance of
-    ``torch.linalg.matrix_rank``) are rounding noise of the Gram and count as zero, so features of rank ``r`` give at
-    most ``r``. Since the features are centered, the value is at most ``n - 1`` (and at most the number of features).
-    A Gram squares the singular values, so directions weaker than ``sqrt(n · eps)`` times the strongest (about 1e-3
-    for float32 Grams, 1e-7 for float64) are below its resolution and left out; they would add almost nothing.
-
-    Args:
-        grams: ``L`` centered ``(n, n)`` Gram matrices (a sequence or an ``(L, n, n)`` tensor).
-
-    Returns:
-        ``(L,)`` float64: ``exp(-Σ pₖ log pₖ)``, ``pₖ = σₖ / Σ σ``; NaN for a Gram that is zero (constant features) or
-        not finite.
-
-    Example:
-        >>> import torch
-        >>> x = torch.randn(16, 3, dtype=torch.float64) @ torch.randn(3, 40, dtype=torch.float64)  # rank 3
-        >>> x = x - x.mean(dim=0)
-        >>> bool(effective_rank([x @ x.T]) <= 3.0 + 1e-9)
-        True
-    """
-    grams = list(grams)
-    if not grams:
-        return torch.zeros(0, dtype=torch.float64)
-    n = grams[0].shape[0]
-    eps = torch.finfo(grams[0].dtype).eps if grams[0].is_floating_point() else torch.finfo(torch.float32).eps
-    step = max(1, _EIGEN_CHUNK_BYTES // (n * n * 8))
-    out = []
-    for start in range(0, len(grams), step):
-        block = torch.stack([g.to(torch.float64) for g in grams[start : start + step]])  # (l, n, n)
-        finite = torch.isfinite(block).flatten(1).all(dim=1)
-        block = torch.where(finite[:, None, None], block, torch.zeros((), dtype=block.dtype, device=block.device))
-        eigenvalues = torch.linalg.eigvalsh(block)  # (l, n), ascending
-        top = eigenvalues[:, -1:].clamp_min(0)
-        eigenvalues = torch.where(eigenvalues > n * eps * top, eigenvalues, torch.zeros_like(eigenvalues))
-        singular = eigenvalues.sqrt()
-        total = singular.sum(dim=1, keepdim=True)
-        p = singular / total.clamp_min(torch.finfo(torch.float64).tiny)
-        rank = torch.exp(-torch.special.xlogy(p, p).sum(dim=1))
-        out.append(torch.where(finite & (total[:, 0] > 0), rank, torch.full_like(rank, float("nan"))))
-    return torch.cat(out)
 
 
 class EffectiveRank(Analysis):
@@ -84,19 +39,23 @@ class EffectiveRank(Analysis):
     """
 
     name = "rank"
+    default = True
+    position = 70
     fields = (
         Field(
             "effective_rank",
             "array",
             "(L,) effective rank (RankMe) of each layer's centered features, mean over minibatches",
-            per_model=True,
+            True,
+            ("layers",),
         ),
-        Field("effective_rank_se", "array", "(L,) its standard error over minibatches", per_model=True),
+        Field("effective_rank_se", "array", "(L,) its standard error over minibatches", True, ("layers",)),
         Field(
             "effective_rank_minibatches",
             "array",
             "(M, L) effective rank of each layer on each minibatch (NaN: constant or non-finite there)",
-            per_model=True,
+            True,
+            (None, "layers"),
         ),
         Field(
             "effective_rank_bound",
@@ -106,13 +65,13 @@ class EffectiveRank(Analysis):
     )
 
     @override
-    def bind(self, models: Mapping[str, ProbedModel]) -> bool:
-        if not self.options.rank:
-            return False
-        self._models = dict(models)
-        self._taps = {role: LayerGrams(m.layers, m.reduction, m.layouts) for role, m in models.items()}  # shared key
+    def bind(self, setup: ProbeSetup) -> bool | str:
+        from lightning_cka.taps.grams import LayerGrams
+
+        self._models = dict(setup.models)
+        self._taps = {role: LayerGrams(m.layers, m.reduction, m.layouts) for role, m in self._models.items()}
         # A frozen model's Grams never change, so its ranks are kept per minibatch like the engine keeps its Grams.
-        self._frozen: dict[str, dict[int, Tensor]] = {role: {} for role, m in models.items() if m.frozen}
+        self._frozen: dict[str, dict[int, Tensor]] = {role: {} for role, m in self._models.items() if m.frozen}
         return True
 
     @override
@@ -121,6 +80,8 @@ class EffectiveRank(Analysis):
 
     @override
     def start(self, num_minibatches: int, device: torch.device) -> None:
+        from lightning_cka.metrics.sums import TensorSums
+
         shapes = lambda role: {  # noqa: E731
             "ranks": (num_minibatches, len(self._models[role].layers)),
             "counts": (num_minibatches, len(self._models[role].layers)),
@@ -130,6 +91,10 @@ class EffectiveRank(Analysis):
 
     @override
     def update(self, batch: Minibatch) -> None:
+        import torch
+
+        from lightning_cka.functional.rank import effective_rank
+
         for role, tap in self._taps.items():
             cache = self._frozen.get(role)
             if cache is not None and batch.index in cache:
@@ -171,9 +136,8 @@ class EffectiveRank(Analysis):
                 out["effective_rank_bound"] = float((sizes[seen] - 1).mean()) if seen.any() else float("nan")
         return out
 
-    @classmethod
     @override
-    def figures(cls, result: CKAResult, previous: CKAResult | None, view: View) -> list[Figure]:
+    def figures(self, result: CKAResult, previous: CKAResult | None, view: View) -> list[Figure]:
         bound = result.effective_rank_bound
         panels, hidden = [], False
         for role in ("model", "reference"):
@@ -198,9 +162,8 @@ class EffectiveRank(Analysis):
         title = "Effective rank of each layer"
         return [Figure("rank/effective_rank", title, tuple(panels), caption, view.subtitle(result))]
 
-    @classmethod
     @override
-    def scalars(cls, result: CKAResult, view: View) -> dict[str, float]:
+    def scalars(self, result: CKAResult, view: View) -> dict[str, float]:
         scalars: dict[str, float] = {}
         ranks = result.effective_rank
         if ranks is None:

@@ -1,12 +1,19 @@
-"""What a probe leaves behind, written off the training thread: ``.npz`` arrays, images and dashboard summaries.
+"""What a probe leaves behind: its arrays first, on the training thread; pictures and scalars after, off it.
 
-Rendering a matplotlib figure takes a tenth of a second or more, so figures and files are produced by one background
-thread on global rank 0; the training thread only hands over a finished :class:`CKAResult`. Arrays, images and
-summaries fail independently: a full disk costs the arrays, not the pictures, and every warning names what failed.
+Arrays are the measurement: :meth:`ProbeWriter.save_arrays` writes them atomically before the probe counts as done
+(a checkpoint never counts a probe whose arrays are not on disk), and when the disk refuses them (full, read-only) they
+wait in memory and are written as soon as it takes them again. Pictures and scalars are views of the arrays: they are
+rendered and logged by one background thread, and a logger that fails costs them, never the arrays or the fit.
+
+TensorBoard gets the monitor's scalars, images and dashboard summaries in an event file of the monitor's own, in the
+logger's directory (TensorBoard shows it as the same run). TensorBoard's event writer re-raises its first failed write
+forever; writing through the logger's own writer would break the user's logging, and the fit with it, after one
+failure. The monitor's event file is reopened after a failure. Other loggers get scalars through ``log_metrics`` and
+images through ``log_image`` where they have it.
 """
 
+import contextlib
 import time
-import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -16,116 +23,217 @@ import numpy as np
 
 from lightning_cka.engine.analysis import View
 from lightning_cka.figures.render import FrameCache
+from lightning_cka.figures.spec import Figure
 from lightning_cka.result import CKAResult
 
-ImageSink = Callable[[str, np.ndarray, int], None]
+Warn = Callable[[str], None]
+PENDING_BYTES = 256 * 2**20  # arrays kept in memory while the disk refuses them, at most
 
 
-def image_sinks(loggers: list[Any]) -> tuple[list[ImageSink], list[Any], list[str]]:
-    """Image writers for the loggers that take images, TensorBoard writers for the dashboard, and the rest's names."""
-    sinks: list[ImageSink] = []
-    tensorboards: list[Any] = []
-    skipped = []
-    for logger in loggers:
-        experiment = getattr(logger, "experiment", None)
-        if hasattr(experiment, "add_image"):  # TensorBoard's SummaryWriter
-            sinks.append(_tensorboard_sink(experiment))
-            tensorboards.append(experiment)
-        elif callable(getattr(logger, "log_image", None)):  # W&B and other loggers with an image API
-            sinks.append(lambda tag, image, step, logger=logger: logger.log_image(key=tag, images=[image], step=step))
-        else:
-            skipped.append(type(logger).__name__)
-    return sinks, tensorboards, skipped
+class OwnEventFile:
+    """The monitor's TensorBoard event file in ``log_dir``, opened on first use and again after a failure."""
 
+    def __init__(self, log_dir: str) -> None:
+        self.log_dir = log_dir
+        self._writer: Any = None
+        self._opened = 0
 
-def _tensorboard_sink(writer: Any) -> ImageSink:
-    def write(tag: str, image: np.ndarray, step: int) -> None:
-        writer.add_image(tag, image, global_step=step, dataformats="HWC")
-        writer.flush()
+    def write(self, write: Callable[[Any], None]) -> None:
+        """Run ``write(summary_writer)`` and flush; on any error, drop the file (a later call opens a new one)."""
+        from torch.utils.tensorboard import SummaryWriter
 
-    return write
+        try:
+            if self._writer is None:
+                self._opened += 1
+                self._writer = SummaryWriter(log_dir=self.log_dir, filename_suffix=f".lightning_cka.{self._opened}")
+            write(self._writer)
+            self._writer.flush()
+        except Exception:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Close the file (its last error, if any, is dropped with it)."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            with contextlib.suppress(Exception):  # its writer thread died on a write: nothing more to save from it
+                writer.close()
 
 
 class ProbeWriter:
-    """Writes each probe's arrays, images and dashboard summaries, in submission order, on one worker thread.
+    """Writes each probe's arrays (at once), then its scalars, images and dashboard summaries (on a worker thread).
 
-    Failures are collected and re-raised as warnings on the training thread (:meth:`report`), never raised there.
+    The worker thread writes in submission order, to every logger.
 
     Args:
         view: how figures are labelled.
-        image_sinks: where images go (see :func:`image_sinks`).
-        summary_writers: TensorBoard ``SummaryWriter`` s that receive the dashboard's tensor summaries.
+        loggers: the trainer's loggers.
         tag_prefix: the monitor's name followed by ``/``, or ``""``.
+        log_images: also draw the figures and send them (and the dashboard's data) to the loggers.
+        warn: how failures are reported (once per kind of failure; never raised).
     """
 
-    def __init__(self, view: View, image_sinks: list[ImageSink], summary_writers: list[Any], tag_prefix: str) -> None:
+    def __init__(self, view: View, loggers: list[Any], tag_prefix: str, log_images: bool, warn: Warn) -> None:
         self.view = view
-        self.image_sinks = image_sinks
-        self.summary_writers = summary_writers
         self.tag_prefix = tag_prefix
+        self.log_images = log_images
         self.render_seconds: list[float] = []
+        self._warn = warn
+        self._event_files = [OwnEventFile(str(logger.log_dir)) for logger in loggers if _is_tensorboard(logger)]
+        self._others = [logger for logger in loggers if not _is_tensorboard(logger)]
+        self._pending: list[tuple[CKAResult, Path]] = []
         self._frames = FrameCache()
         self._executor: ThreadPoolExecutor | None = None
-        self._pending: list[Future] = []
+        self._jobs: list[Future] = []
+        if log_images:
+            blind = [
+                type(logger).__name__ for logger in self._others if not callable(getattr(logger, "log_image", None))
+            ]
+            if blind:
+                warn(f"CKAMonitor: {', '.join(blind)} cannot take images; its scalars are logged, its images skipped.")
 
-    def submit(self, result: CKAResult, previous: CKAResult | None, array_path: Path | None) -> None:
-        """Write one probe (its arrays to ``array_path`` when given) on the worker thread."""
+    # ----------------------------------------------------------------------------------------------------- arrays
+
+    def save_arrays(self, result: CKAResult, path: Path) -> bool:
+        """Write the arrays of ``result`` (and of earlier probes still waiting) now; ``True`` when they are on disk.
+
+        A refused write keeps them in memory (up to 256 MiB, oldest dropped first, with a warning) for the next call.
+        """
+        self._pending.append((result, path))
+        self.flush_arrays()
+        return not any(waiting is result for waiting, _ in self._pending)
+
+    def flush_arrays(self) -> None:
+        """Try to write every probe whose arrays are waiting, in order; keep those the disk refuses."""
+        waiting = []
+        for result, path in self._pending:
+            try:
+                result.save(path)
+            except Exception as err:
+                self._warn(
+                    f"CKAMonitor could not write the arrays of step {result.step} to {path} ({err!r}); they are kept "
+                    "in memory and written as soon as the disk takes them."
+                )
+                waiting.append((result, path))
+        self._pending = waiting
+        self._bound_pending()
+
+    @property
+    def missing_steps(self) -> list[int]:
+        """The probes measured whose arrays are not on disk yet."""
+        return [result.step for result, _ in self._pending]
+
+    def _bound_pending(self) -> None:
+        sizes = [_nbytes(result) for result, _ in self._pending]
+        while len(self._pending) > 1 and sum(sizes) > PENDING_BYTES:
+            dropped, _ = self._pending.pop(0)
+            sizes.pop(0)
+            self._warn(
+                f"CKAMonitor: the disk has refused probe arrays for more than {PENDING_BYTES >> 20} MiB of them; the "
+                f"arrays of step {dropped.step} (the oldest) are lost."
+            )
+
+    # ------------------------------------------------------------------------------------------ scalars, pictures
+
+    def publish(self, result: CKAResult, previous: CKAResult | None, scalars: dict[str, float]) -> None:
+        """Log ``scalars`` and (with ``log_images``) the figures of ``result``.
+
+        Loggers other than TensorBoard get their scalars now; everything else is written on the worker thread.
+        """
+        self.report()
+        step = result.step
+        for logger in self._others:
+            try:
+                logger.log_metrics(scalars, step=step)
+            except Exception as err:
+                self._warn(f"CKAMonitor could not log scalars to {type(logger).__name__} ({err!r}).")
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightning-cka-writer")
-        self.report()
-        self._pending.append(self._executor.submit(self._write, result, previous, array_path))
+        self._jobs.append(self._executor.submit(self._publish, result, previous, scalars))
 
-    def _write(self, result: CKAResult, previous: CKAResult | None, array_path: Path | None) -> tuple[float, list]:
-        start = time.perf_counter()
-        failures = []
-        if array_path is not None:
-            try:
-                result.save(array_path)
-            except Exception as err:
-                failures.append(f"the arrays of step {result.step} to {array_path}: {err!r}")
-        if self.image_sinks or self.summary_writers:
+    def _publish(self, result: CKAResult, previous: CKAResult | None, scalars: dict[str, float]) -> list[str]:
+        start, failures, step = time.perf_counter(), [], result.step
+        figures = []
+        if self.log_images:
             try:
                 figures = result.figures(previous, self.view)
             except Exception as err:
-                figures = []
-                failures.append(f"the figures of step {result.step}: {err!r}")
-            for figure in figures:
-                if self.image_sinks:
-                    try:
-                        image = self._frames.render(figure)
-                        for sink in self.image_sinks:
-                            sink(self.tag_prefix + figure.tag, image, result.step)
-                    except Exception as err:
-                        failures.append(f"the image {self.tag_prefix + figure.tag} of step {result.step}: {err!r}")
-            if self.summary_writers and figures:
+                failures.append(f"could not draw the figures of step {step} ({err!r})")
+        images = []
+        for figure in figures if self._event_files or self._others else []:
+            try:
+                images.append((figure, self._frames.render(figure)))
+            except Exception as err:
+                failures.append(f"could not draw {figure.tag} of step {step} ({err!r})")
+        for event_file in self._event_files:
+            try:
+                event_file.write(lambda writer: self._tensorboard(writer, scalars, images, figures, step))
+            except Exception as err:
+                failures.append(f"could not write to TensorBoard in {event_file.log_dir} ({err!r}); later probes retry")
+        for logger in self._others:
+            if not callable(getattr(logger, "log_image", None)):
+                continue
+            for figure, image in images:
                 try:
-                    from lightning_cka.dashboard.summaries import write_figures
-
-                    for writer in self.summary_writers:
-                        write_figures(writer, figures, result.step, prefix=self.tag_prefix)
+                    logger.log_image(key=self.tag_prefix + figure.tag, images=[image], step=step)
                 except Exception as err:
-                    failures.append(f"the dashboard data of step {result.step}: {err!r}")
-        return time.perf_counter() - start, failures
+                    failures.append(f"could not log images to {type(logger).__name__} ({err!r})")
+                    break
+        self.render_seconds.append(time.perf_counter() - start)
+        return failures
+
+    def _tensorboard(
+        self,
+        writer: Any,
+        scalars: dict[str, float],
+        images: list[tuple[Figure, np.ndarray]],
+        figures: list[Figure],
+        step: int,
+    ) -> None:
+        for tag, value in scalars.items():
+            writer.add_scalar(tag, value, global_step=step)
+        for figure, image in images:
+            writer.add_image(self.tag_prefix + figure.tag, image, global_step=step, dataformats="HWC")
+        if figures:
+            from lightning_cka.dashboard.summaries import write_figures
+
+            write_figures(writer, figures, step, prefix=self.tag_prefix)
 
     def report(self) -> None:
-        """Warn about finished jobs that failed; keep the unfinished ones."""
-        still_running = []
-        for future in self._pending:
-            if not future.done():
-                still_running.append(future)
+        """Warn about finished jobs that failed (once per kind of failure); keep the unfinished ones."""
+        running = []
+        for job in self._jobs:
+            if not job.done():
+                running.append(job)
                 continue
-            if future.exception() is not None:
-                messages = [repr(future.exception())]
-            else:
-                seconds, messages = future.result()
-                self.render_seconds.append(seconds)
+            messages = [repr(job.exception())] if job.exception() is not None else job.result()
             for message in messages:
-                warnings.warn(f"CKAMonitor could not write {message}", stacklevel=2)
-        self._pending = still_running
+                self._warn(f"CKAMonitor {message}.")
+        self._jobs = running
 
     def close(self) -> None:
-        """Wait for every submitted job, then stop the thread."""
+        """Write waiting arrays, wait for every job, close the event files; warn about arrays that stay unwritten."""
+        self.flush_arrays()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
         self.report()
+        for event_file in self._event_files:
+            event_file.close()
+        if self._pending:
+            self._warn(
+                f"CKAMonitor: the arrays of steps {self.missing_steps} could not be written before the end of the fit "
+                "and are lost."
+            )
+            self._pending = []
+
+
+def _is_tensorboard(logger: Any) -> bool:
+    """Lightning's ``TensorBoardLogger`` (either namespace): a logger with a log directory of TensorBoard files."""
+    return any(cls.__name__ == "TensorBoardLogger" for cls in type(logger).__mro__) and bool(
+        getattr(logger, "log_dir", None)
+    )
+
+
+def _nbytes(result: CKAResult) -> int:
+    return sum(value.nbytes for key in result if isinstance(value := result.get(key), np.ndarray))

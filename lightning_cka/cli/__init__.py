@@ -24,7 +24,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as done:  # --help, or a usage error argparse has already printed
         return int(done.code or 0)
     try:
-        if not 0 < args.local_threshold <= 1:  # every command takes it
+        if args.local_threshold is not None and not 0 < args.local_threshold <= 1:  # every command takes it
             raise CLIError(f"--local-threshold is a fraction in (0, 1], got {args.local_threshold}.")
         args.handler(args)
     except CLIError as err:

@@ -59,8 +59,13 @@ def add_command(commands: Any) -> None:
     parser.add_argument("--reference-pretrained", action="store_true", help="the same for --reference")
     parser.add_argument("--reduction", choices=REDUCTIONS, help="what a layer output becomes")
     parser.add_argument("--reference-reduction", choices=REDUCTIONS, help="the same for the reference")
-    parser.add_argument("--linear-probe", action="store_true", default=None, help="ridge probes (needs labels)")
-    parser.add_argument("--localization", action="store_true", default=None, help="spatial localization")
+    parser.add_argument(
+        "--analyses",
+        nargs="+",
+        metavar="NAME",
+        help="the analyses to run, by name ('default' for the default ones; e.g. --analyses default linear_probe); "
+        "default: the run's analyses with the options it ran them with",
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the --data sample (default 0)")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for an image directory")
@@ -100,7 +105,7 @@ def _main(args: argparse.Namespace) -> None:
         f"probing {args.model}" + (f" and {chosen['reference']}" if reference is not None else "") + f" on "
         f"{description}"
     )
-    result = _analyze(model, reference, data, chosen, args)
+    result = _analyze(model, reference, data, chosen, _analyses(args, monitor))
     try:
         written = [result.save(args.out / ANALYSIS_FILE)]
         written += _write_figures(result, args)
@@ -114,11 +119,12 @@ def _main(args: argparse.Namespace) -> None:
 
 
 class MonitorSettings:
-    """What a checkpoint says about the ``CKAMonitor`` of its run: its settings and where its probe images are."""
+    """What a checkpoint says about the ``CKAMonitor`` of its run: its settings, analyses and probe images."""
 
     def __init__(self, checkpoint: Path, state: dict[str, Any]) -> None:
         self.checkpoint = checkpoint
-        self.settings: dict[str, Any] = dict(state.get("settings") or {})
+        self.settings: dict[str, Any] = _current_settings(dict(state.get("settings") or {}))
+        self.analyses: list[dict[str, Any]] | None = state.get("analyses")
         self.probe_hash = state.get("probe_hash")
         name = self.settings.get("name") or ""
         candidates = []
@@ -126,6 +132,22 @@ class MonitorSettings:
             candidates.append(Path(state["array_dir"]) / "probe.npz")
         candidates.append(checkpoint.parent.parent / "cka" / name / "probe.npz")  # <log_dir>/checkpoints/x.ckpt
         self.probe_file = next((p for p in candidates if p.is_file()), None)
+
+
+def _current_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings as this version stores them: older monitors kept the reference's options as flat keys."""
+    if isinstance(settings.get("reference"), dict) or "reference_weights" not in settings:
+        return settings
+    reference = settings.get("reference")
+    settings["reference"] = None
+    if isinstance(reference, str):
+        settings["reference"] = {
+            "model": reference,
+            "weights": settings.get("reference_weights"),
+            "layers": settings.get("reference_layers", "auto"),
+            "reduction": settings.get("reference_reduction"),
+        }
+    return settings
 
 
 def monitor_settings(checkpoint: Path, name: str | None) -> MonitorSettings | None:
@@ -153,9 +175,11 @@ def monitor_settings(checkpoint: Path, name: str | None) -> MonitorSettings | No
 
 def _choose(args: argparse.Namespace, settings: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """The settings to run with: flags first, then the monitor's, then the defaults; and lines that say which."""
-    options = settings.get("options") or {}
-    reference = settings.get("reference") if isinstance(settings.get("reference"), str) else None
-    weights = settings.get("reference_weights")
+    run_reference = settings.get("reference") or {}
+    reference = run_reference.get("model") if isinstance(run_reference.get("model"), str) else None
+    if reference is not None and reference.startswith("<"):  # a module passed in: nothing to rebuild it from
+        reference = None
+    weights = run_reference.get("weights")
     notes = []
     if reference and not weights and not Path(reference).is_file() and args.reference is None:
         notes.append(
@@ -171,19 +195,15 @@ def _choose(args: argparse.Namespace, settings: dict[str, Any]) -> tuple[dict[st
         "reference_layers": args.reference_layers,
         "reference_reduction": args.reference_reduction,
         "batch_size": args.batch_size,
-        "linear_probe": args.linear_probe,
-        "localization": args.localization,
     }
     monitor = {
         "layers": settings.get("layers"),
         "reduction": settings.get("reduction"),
         "reference": reference,
         "reference_weights": weights if reference else None,
-        "reference_layers": settings.get("reference_layers"),
-        "reference_reduction": settings.get("reference_reduction"),
+        "reference_layers": run_reference.get("layers"),
+        "reference_reduction": run_reference.get("reduction"),
         "batch_size": settings.get("batch_size"),
-        "linear_probe": options.get("linear_probe"),
-        "localization": options.get("localization"),
     }
     defaults = {
         "layers": "auto",
@@ -193,11 +213,8 @@ def _choose(args: argparse.Namespace, settings: dict[str, Any]) -> tuple[dict[st
         "reference_layers": "auto",
         "reference_reduction": None,
         "batch_size": 128,
-        "linear_probe": False,
-        "localization": False,
     }
     chosen = {key: _first(flags[key], monitor[key], defaults[key]) for key in flags}
-    chosen["options"] = {k: v for k, v in options.items() if k not in ("linear_probe", "localization", "seed")}
     if settings:
         taken = [
             f"{key.replace('_', ' ')} {monitor[key]}"
@@ -217,6 +234,26 @@ def _choose(args: argparse.Namespace, settings: dict[str, Any]) -> tuple[dict[st
 
 def _first(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
+
+
+def _analyses(args: argparse.Namespace, monitor: "MonitorSettings | None") -> list[Any]:
+    """The analyses to run: ``--analyses`` by name, else the run's, rebuilt with the options it stored."""
+    from lightning_cka.cli.errors import CLIError
+    from lightning_cka.engine.analysis import UnresolvedAnalysis, from_record
+
+    if args.analyses is not None:
+        return list(args.analyses)
+    if monitor is None or not monitor.analyses:
+        return ["default"]
+    analyses = [from_record(record) for record in monitor.analyses]
+    unresolved = [a for a in analyses if isinstance(a, UnresolvedAnalysis)]
+    if unresolved:
+        raise CLIError(
+            "the run's analyses "
+            + "; ".join(f"{a.name} ({a.record.get('class')}: {a.reason})" for a in unresolved)
+            + " cannot be rebuilt here: make their modules importable (PYTHONPATH) or choose --analyses."
+        )
+    return analyses
 
 
 def _probe(args: argparse.Namespace, model: Any, monitor: MonitorSettings | None, batch_size: int) -> tuple[Any, str]:
@@ -247,31 +284,25 @@ def _probe(args: argparse.Namespace, model: Any, monitor: MonitorSettings | None
     return source.batches, f"{source.description}, resized to {size[0]}x{size[1]}"
 
 
-def _analyze(model: Any, reference: Any, data: Any, chosen: dict[str, Any], args: argparse.Namespace) -> Any:
+def _analyze(model: Any, reference: Any, data: Any, chosen: dict[str, Any], analyses: list[Any]) -> Any:
     from lightning_cka.cli.errors import CLIError
     from lightning_cka.compare import compare_models
 
-    options = dict(chosen["options"])
     try:
         return compare_models(
             model,
             reference,
             data=data,
+            analyses=analyses,
             layers_a=chosen["layers"],
             layers_b=chosen["reference_layers"],
             batch_size=chosen["batch_size"],
             reduction=chosen["reduction"],
             reduction_b=chosen["reference_reduction"],
             label_b=str(chosen["reference"] or ""),
-            linear_probe=bool(chosen["linear_probe"]),
-            localization=bool(chosen["localization"]),
-            **{k: v for k, v in options.items() if k in _OPTION_NAMES},
         )
     except (ValueError, RuntimeError, AssertionError, OSError, TypeError) as err:  # timm asserts the input size
         raise CLIError(f"the analysis failed: {err}") from err
-
-
-_OPTION_NAMES = ("attention", "heads", "residual", "localization_layer", "rank", "permutations", "minibatch_weights")
 
 
 def _write_figures(result: Any, args: argparse.Namespace) -> list[Path]:

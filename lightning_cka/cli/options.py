@@ -15,10 +15,10 @@ def add_local_threshold(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--local-threshold",
         type=float,
-        default=0.5,
+        default=None,
         metavar="FRACTION",
         help="a head is local when its mean attention distance is below this fraction of the distance of uniform "
-        "attention over the patch grid (default 0.5, CKAMonitor's default)",
+        "attention over the patch grid (default: the run's own, 0.5 unless its attention analysis was set otherwise)",
     )
 
 

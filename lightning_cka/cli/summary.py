@@ -33,12 +33,12 @@ def _main(args: argparse.Namespace) -> None:
     print("\n".join(summary_lines(run, args.local_threshold)))
 
 
-def summary_lines(run: Any, fraction: float = 0.5) -> list[str]:
+def summary_lines(run: Any, fraction: float | None = None) -> list[str]:
     """The text summary of a run: what was probed, then one row of headline numbers per probe.
 
     Args:
         run: a :class:`lightning_cka.cli.runs.Run`.
-        fraction: a head is local below this fraction of the uniform-attention distance.
+        fraction: a head is local below this fraction of the uniform-attention distance (default: the run's own).
     """
     from lightning_cka.cli.headline import headline, plus_minus
     from lightning_cka.cli.text import few, name_list, threshold_text
@@ -46,6 +46,8 @@ def summary_lines(run: Any, fraction: float = 0.5) -> list[str]:
 
     view = View(run=run.label, local_threshold=fraction)
     last = run.probes[run.steps[-1]]
+    attention = last.analysis("attention")
+    fraction = fraction if fraction is not None else getattr(attention, "local_threshold", 0.5)
     epochs = sorted({p.epoch for p in run.probes.values()})
     heads = last.mean_attention_distance.shape[1] if last.mean_attention_distance is not None else 0
     uniform = last.uniform_attention_distance

@@ -53,6 +53,13 @@ class ProbedModel:
         self.names = display_names(self.module, self.layers)
         self.reduction = reduction
         self.layouts: list[TokenLayout] = [token_layout(self.modules, name) for name in self.layers]
+        without = [name for name, layout in zip(self.layers, self.layouts, strict=True) if not layout.has_class_token]
+        if reduction == "cls" and without:
+            raise ValueError(
+                f"reduction='cls' needs a class token, but layer '{without[0]}' of {type(self.module).__name__} has "
+                f"none{f' (nor {len(without) - 1} other monitored layers)' if len(without) > 1 else ''}: use 'mean' "
+                "or 'flatten', or monitor layers that hold the class token."
+            )
         self.call = call or self.wrapper
         self.frozen = frozen
         self.label = label

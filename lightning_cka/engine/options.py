@@ -1,63 +1,70 @@
-"""Which analyses a probe runs, and how: the options ``CKAMonitor`` and ``compare_models`` share by name."""
+"""Checks of constructor arguments that name the argument, the accepted values and what was given.
 
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
+Used by every analysis and by the monitor's units, so that a bad argument fails where it is written (at
+construction, also from LightingCLI's YAML) with one line, never later inside training. NumPy integers count as
+integers and NumPy floats as numbers; ``bool`` is not an integer here.
+"""
 
-from lightning_cka.functional.estimate import WEIGHTINGS, Weighting
+import numbers
+from collections.abc import Sequence
+from typing import Any
 
-Switch = bool | Literal["auto"]
+
+def integer(owner: str, name: str, value: Any, low: int | None = None, high: int | None = None, hint: str = "") -> int:
+    """``value`` as an ``int`` when it is an integer in ``[low, high]``; else ``ValueError``."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = int(value)
+        if (low is None or value >= low) and (high is None or value <= high):
+            return value
+    bounds = (
+        f" in [{low}, {high}]"
+        if low is not None and high is not None
+        else f" >= {low}"
+        if low is not None
+        else f" <= {high}"
+        if high is not None
+        else ""
+    )
+    raise ValueError(f"{owner}: {name} must be an int{bounds}{f' ({hint})' if hint else ''}, got {value!r}.")
 
 
-@dataclass(frozen=True)
-class ProbeOptions:
-    """The analysis options of a probe.
+def number(owner: str, name: str, value: Any, low: float, high: float, hint: str = "", open_low: bool = True) -> float:
+    """``value`` as a ``float`` when it is a real number in ``(low, high]`` (``[low, high]`` unless ``open_low``)."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        value = float(value)
+        if (value > low if open_low else value >= low) and value <= high:
+            return value
+    interval = f"{'(' if open_low else '['}{low:g}, {high:g}]"
+    raise ValueError(f"{owner}: {name} must be a number in {interval}{f' ({hint})' if hint else ''}, got {value!r}.")
 
-    Attributes:
-        attention: mean attention distance and entropy per head of timm attention modules: ``"auto"`` where the model
-            has them, ``True`` to require them, ``False`` to skip.
-        heads: CKA of every attention head's output with every reference layer (needs a reference and attention).
-        residual: ‖skip stream‖ / ‖branch‖ per token of every residual block whose branch can be located.
-        localization: CKA between the tokens of ``localization_layer`` and the patch embedding at every pair of
-            positions.
-        localization_layer: the layer whose tokens are localized (default: the last monitored layer).
-        linear_probe: closed-form ridge probes of the class at every layer (needs labels).
-        rank: effective rank (RankMe) of every layer on each minibatch.
-        permutations: permutations of the CKA null per minibatch (19: the 5% permutation test; 0: no null).
-        minibatch_weights: ``"equal"`` or ``"size"`` weighting of minibatches in the CKA sums.
-        renormalize_attention: renormalize attention over patch keys before distances (see
-            :func:`lightning_cka.functional.mean_attention_distance`).
-        seed: seed of the permutations.
-    """
 
-    attention: Switch = "auto"
-    heads: Switch = "auto"
-    residual: Switch = "auto"
-    localization: bool = False
-    localization_layer: str | None = None
-    linear_probe: bool = False
-    rank: bool = True
-    permutations: int = 19
-    minibatch_weights: Weighting = "equal"
-    renormalize_attention: bool = False
-    seed: int = 0
+def flag(owner: str, name: str, value: Any) -> bool:
+    """``value`` when it is ``True`` or ``False`` (NumPy bools too)."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return bool(value)
+    raise ValueError(f"{owner}: {name} must be True or False, got {value!r}.")
 
-    def __post_init__(self) -> None:
-        for name in ("attention", "heads", "residual"):
-            if getattr(self, name) not in (True, False, "auto"):
-                raise ValueError(f"{name} must be True, False or 'auto', got {getattr(self, name)!r}.")
-        for name in ("localization", "linear_probe", "rank", "renormalize_attention"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
-        if not isinstance(self.permutations, int) or not 0 <= self.permutations <= 1000:
-            raise ValueError(
-                "permutations must be an int in [0, 1000] (19 give the 5% permutation test), "
-                f"got {self.permutations!r}."
-            )
-        if self.minibatch_weights not in WEIGHTINGS:
-            raise ValueError(f"minibatch_weights must be one of {WEIGHTINGS}, got {self.minibatch_weights!r}.")
-        if self.localization_layer is not None and not isinstance(self.localization_layer, str):
-            raise ValueError(f"localization_layer must be a layer name, got {self.localization_layer!r}.")
 
-    def as_dict(self) -> dict[str, Any]:
-        """The options as JSON-ready builtins (stored with every probe)."""
-        return asdict(self)
+def choice(owner: str, name: str, value: Any, choices: Sequence[Any]) -> Any:
+    """``value`` when it is one of ``choices``."""
+    if isinstance(value, str | bool | None) and value in choices:
+        return value
+    raise ValueError(f"{owner}: {name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}.")
+
+
+def optional_text(owner: str, name: str, value: Any, what: str) -> str | None:
+    """``value`` when it is ``None`` or a non-empty string."""
+    if value is None or (isinstance(value, str) and value):
+        return value
+    raise ValueError(f"{owner}: {name} must be {what} (a non-empty string) or None, got {value!r}.")
+
+
+def layer_spec(owner: str, name: str, value: Any) -> str | list[str]:
+    """``value`` when it is ``"auto"``, a module name or glob pattern, or a non-empty list of them."""
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, list | tuple) and value and all(isinstance(x, str) and x for x in value):
+        return list(value)
+    raise ValueError(
+        f"{owner}: {name} must be 'auto', a module name or glob pattern, or a list of them, got {value!r}."
+    )

@@ -17,9 +17,9 @@ import torch
 from torch import Tensor
 from torchmetrics.utilities import rank_zero_warn
 
+from lightning_cka.stats import NULL_LEVEL, WEIGHTINGS  # noqa: F401  (the estimator's constants live with its readers)
+
 Weighting = Literal["equal", "size"]
-WEIGHTINGS = ("equal", "size")
-NULL_LEVEL = 0.05
 
 
 @dataclass

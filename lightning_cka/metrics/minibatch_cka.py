@@ -136,7 +136,7 @@ class MinibatchCKA(Metric):
             xs: per-layer features ``(n, ...)`` of model A (or, with ``grams=True``, their ``(n, n)`` Gram matrices as a
                 list or an ``(L, n, n)`` tensor).
             ys: the same for model B on the same ``n`` examples, or ``None`` for A against itself.
-            grams: inputs are Gram matrices (e.g. from :class:`lightning_cka.Recorder`) instead of features.
+            grams: inputs are Gram matrices (e.g. from a forward hook) instead of features.
             index: the minibatch's number in ``[0, num_minibatches)`` (required under DDP); default: the next one.
 
         """

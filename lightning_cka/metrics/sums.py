@@ -1,4 +1,4 @@
-"""Named tensors summed over minibatches and, under DDP, over ranks: the state of most analyses."""
+"""Named tensors summed (or maximized) over minibatches and, under DDP, over ranks: the state of most analyses."""
 
 from collections.abc import Mapping
 from typing import Any
@@ -51,3 +51,39 @@ class TensorSums(Metric):
     def totals(self) -> dict[str, Tensor]:
         """:meth:`compute` (a collective under DDP) with every sum in its declared shape."""
         return {name: value.reshape(self.shapes[name]) for name, value in self.compute().items()}
+
+
+class TensorMaxima(Metric):
+    """Elementwise maxima of a vector over updates and ranks (``dist_reduce_fx="max"``).
+
+    What every rank must agree on before a sum: the shapes a rank without minibatches cannot know (feature dims,
+    classes, a grid).
+
+    Args:
+        size: the vector's length.
+        kwargs: passed to :class:`torchmetrics.Metric`.
+
+    Example:
+        >>> import torch
+        >>> maxima = TensorMaxima(2)
+        >>> maxima.update(torch.tensor([3.0, 1.0]))
+        >>> maxima.update(torch.tensor([2.0, 5.0]))
+        >>> maxima.compute().tolist()
+        [3.0, 5.0]
+    """
+
+    is_differentiable = False
+    higher_is_better = None
+    full_state_update = False
+
+    def __init__(self, size: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("value", default=torch.zeros(size, dtype=torch.float64), dist_reduce_fx="max")
+
+    def update(self, value: Tensor) -> None:
+        """Raise the maxima to ``value`` where it is larger."""
+        self.value = torch.maximum(self.value, value.to(self.value))
+
+    def compute(self) -> Tensor:
+        """The maxima, shaped ``(size,)``."""
+        return self.value.reshape(-1)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_cka.functional.attention import patch_distances
+from lightning_cka.functional.attention import _attention_distance_update, patch_distances
 from lightning_cka.taps.base import Tap
 
 
@@ -116,14 +116,14 @@ class AttentionTap(Tap):
     def hooks(self, modules: Mapping[str, nn.Module]) -> list[RemovableHandle]:
         handles = []
         for embed in {site.embed for site in self.sites}:
-            handles.append(modules[embed].register_forward_hook(self._grid_hook(embed)))
+            handles.append(self.on_output(modules[embed], self._grid_hook(embed)))
         for layer, site in enumerate(self.sites):
             module = modules[site.name]
             capture = _QKCapture(self, layer, site, float(module.scale))
             handles += [
-                module.register_forward_pre_hook(capture.on_call, with_kwargs=True),
-                module.q_norm.register_forward_hook(capture.on_q),
-                module.k_norm.register_forward_hook(capture.on_k),
+                self.on_input(module, capture.on_call, with_kwargs=True),
+                self.on_output(module.q_norm, capture.on_q),
+                self.on_output(module.k_norm, capture.on_k),
             ]
         return handles
 
@@ -188,7 +188,7 @@ class _QKCapture:
         if q is None:
             raise RuntimeError(
                 f"attention module '{self.site.name}' called k_norm without q_norm first; its forward is not the one "
-                "of timm.layers.Attention. Pass attention=False."
+                "of timm.layers.Attention. Leave the attention analysis out."
             )
         batch, _heads, tokens, head_dim = q.shape  # (B, H, T, d)
         grid = self.tap.grid(self.site)
@@ -209,3 +209,42 @@ class _QKCapture:
                 if self._bias is not None:
                     scores = scores + self._bias
                 self.tap.consume(self.layer, scores.softmax(dim=-1), distances)  # (b, H, T, T)
+
+
+ATTENTION_SUMS = ("distance", "entropy", "count")  # what AttentionStatsTap sums per (layer, head)
+
+
+class AttentionStatsTap(AttentionTap):
+    """Per forward pass, the sums over images of each head's mean attention distance and attention entropy."""
+
+    def __init__(self, sites: list[AttentionSite], renormalize: bool) -> None:
+        super().__init__(sites)
+        self.renormalize = renormalize
+        self.num_heads = max(site.num_heads for site in sites)
+        self._sums: dict[str, Tensor] = {}
+
+    @override
+    def begin(self, inputs: Tensor | None) -> None:
+        super().begin(inputs)
+        device = inputs.device if inputs is not None else torch.device("cpu")
+        shape = (len(self.sites), self.num_heads)
+        self._sums = {k: torch.zeros(shape, dtype=torch.float64, device=device) for k in ATTENTION_SUMS}
+
+    @override
+    def consume(self, layer: int, probs: Tensor, distances: Tensor) -> None:
+        site = self.sites[layer]
+        heads = probs.shape[1]
+        self._sums["distance"][layer, :heads] += _attention_distance_update(
+            probs, distances, site.num_prefix_tokens, self.renormalize
+        )
+        # Entropy (nats) of each query's attention over all keys, averaged over queries, summed over images.
+        entropy = torch.special.entr(probs).sum(dim=-1)  # (b, H, T): -p log p, one fused op
+        self._sums["entropy"][layer, :heads] += entropy.mean(dim=-1).sum(dim=0, dtype=torch.float64)
+        self._sums["count"][layer, :heads] += probs.shape[0]
+
+    @override
+    def collect(self) -> dict[str, Tensor]:
+        return self._sums
+
+
+_SUMS = ("distance", "entropy", "count")

@@ -10,7 +10,7 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_cka.functional.hsic import gram
-from lightning_cka.taps.base import Tap, first_tensor, owners
+from lightning_cka.taps.base import Tap, first_tensor
 
 Reduction = Literal["flatten", "cls", "mean"]
 REDUCTIONS = ("flatten", "cls", "mean")
@@ -39,25 +39,51 @@ class TokenLayout:
     num_prefix_tokens: int  # leading non-patch tokens of (n, T, D) outputs (CLS, distillation, registers)
     has_class_token: bool
     channels_last: bool  # (n, H, W, C) instead of (n, C, H, W)
+    patches: bool = True  # False: the output holds the prefix tokens only (CaiT's class-attention blocks)
 
 
 def token_layout(modules: Mapping[str, nn.Module], name: str) -> TokenLayout:
-    """The layout of ``name``'s output, from the attributes timm sets on the network that holds it.
+    """The layout of ``name``'s output, from the network that holds it.
 
-    ``num_prefix_tokens`` and ``has_class_token`` come from the innermost owner that has them (timm ViTs; PiT keeps
-    ``cls_token`` and ``num_tokens``), ``channels_last`` from an owner with ``output_fmt == "NHWC"`` (Swin).
+    The innermost owner decides: CaiT and XCiT by where the layer sits (their ``blocks`` hold patch tokens only, the
+    class token joins in ``blocks_token_only`` / ``cls_attn_blocks``); timm ViTs by ``num_prefix_tokens`` and
+    ``has_class_token``; PiT by ``cls_token`` and ``num_tokens``; torchvision's ViT by its ``class_token``.
+    ``channels_last`` comes from an owner with ``output_fmt == "NHWC"`` (timm Swin) or from torchvision's Swin.
     """
-    prefix, has_cls, channels_last = None, None, False
-    for owner in owners(modules, name):
-        if prefix is None and hasattr(owner, "num_prefix_tokens"):
-            prefix = int(owner.num_prefix_tokens)
-            has_cls = bool(getattr(owner, "has_class_token", getattr(owner, "cls_token", None) is not None))
-        elif prefix is None and isinstance(getattr(owner, "cls_token", None), Tensor):
-            prefix = int(getattr(owner, "num_tokens", owner.cls_token.shape[1]))
-            has_cls = True
-        if str(getattr(owner, "output_fmt", "")) in ("NHWC", "Format.NHWC"):
+    parts = name.split(".") if name else []
+    prefix, has_cls, channels_last, patches = None, None, False, True
+    for depth in range(len(parts), -1, -1):
+        owner, inner = modules[".".join(parts[:depth])], ".".join(parts[depth:])
+        if prefix is None:
+            found = _owner_layout(owner, inner)
+            if found is not None:
+                prefix, has_cls = found
+                patches = not (type(owner).__name__ == "Cait" and inner.startswith("blocks_token_only."))
+        if str(getattr(owner, "output_fmt", "")) in ("NHWC", "Format.NHWC") or _torchvision_swin(owner, inner):
             channels_last = True
-    return TokenLayout(prefix or 0, bool(has_cls), channels_last)
+    return TokenLayout(prefix or 0, bool(has_cls), channels_last, patches)
+
+
+def _owner_layout(owner: nn.Module, inner: str) -> tuple[int, bool] | None:
+    """``(prefix tokens, has a class token)`` of the layer at ``inner`` inside ``owner``, when ``owner`` tells."""
+    family = type(owner).__name__ if type(owner).__module__.startswith("timm.") else ""
+    if family in ("Cait", "Xcit") and inner:
+        class_blocks = "blocks_token_only." if family == "Cait" else "cls_attn_blocks."
+        return (1, True) if inner.startswith(class_blocks) else (0, False)
+    if hasattr(owner, "num_prefix_tokens"):
+        has_cls = getattr(owner, "has_class_token", getattr(owner, "cls_token", None) is not None)
+        return int(owner.num_prefix_tokens), bool(has_cls)
+    if isinstance(getattr(owner, "cls_token", None), Tensor):  # PiT
+        return int(getattr(owner, "num_tokens", owner.cls_token.shape[1])), True
+    if isinstance(getattr(owner, "class_token", None), Tensor):  # torchvision's VisionTransformer
+        return 1, True
+    return None
+
+
+def _torchvision_swin(owner: nn.Module, inner: str) -> bool:
+    """A layer of torchvision's Swin whose output is channels-last: its stages (``features``) and final norm."""
+    swin = type(owner).__module__.startswith("torchvision.models.swin") and type(owner).__name__.startswith("Swin")
+    return swin and (inner.startswith("features.") or inner == "norm")
 
 
 def reduce_output(output: Tensor, reduction: Reduction, layout: TokenLayout, name: str) -> Tensor:
@@ -66,7 +92,8 @@ def reduce_output(output: Tensor, reduction: Reduction, layout: TokenLayout, nam
         return output
     if output.dim() == 3:
         if reduction == "mean":
-            return output[:, layout.num_prefix_tokens :].mean(dim=1)  # (n, D) over patch tokens
+            patches = output[:, layout.num_prefix_tokens :]
+            return (patches if patches.shape[1] else output).mean(dim=1)  # (n, D); CaiT's class blocks: the CLS
         if not layout.has_class_token:
             raise ValueError(
                 f"reduction='cls' needs a class token, but layer '{name}' belongs to a model without one"
@@ -108,7 +135,7 @@ class LayerGrams(Tap):
     @override
     def hooks(self, modules: Mapping[str, nn.Module]) -> list[RemovableHandle]:
         return [
-            modules[name].register_forward_hook(self._hook(name, layout))
+            self.on_output(modules[name], self._hook(name, layout))
             for name, layout in zip(self.layers, self.layouts, strict=True)
         ]
 

@@ -23,8 +23,14 @@ def find_layers(model: nn.Module, spec: LayerSpec = "auto") -> list[str]:
     ConvNeXt, Swin, PiT and other stage       a container of stages that       ``stages.i.blocks.j``
     models                                    all have ``blocks``
     EfficientNet, MobileNet                   ``blocks`` of ``Sequential``     ``blocks.i.j``
-    ViT, DeiT and other ``.blocks`` models    ``blocks`` of blocks             ``blocks.i``
+    ViT, DeiT, CaiT, XCiT and other           ``blocks`` of blocks (and the    ``blocks.i``, then
+    ``.blocks`` models                        class-token blocks after them)   ``blocks_token_only.j``
     ResNet style (timm and torchvision)       ``layer1``, ``layer2``, ...      ``layer1.0`` ... ``layer4.2``
+    torchvision ViT, encoder models           ``encoder.layers``               ``encoder.layers.i``
+    torchvision ConvNeXt, Swin, EfficientNet  2+ stages, each holding blocks   the blocks of every stage
+    and RegNet, timm RegNet                   of one class (the patch          (``features.1.0``, ...,
+                                              embedding, downsampling          ``s1.b1``, ...)
+                                              and heads left out)
     anything else                             the largest ``Sequential`` /     its children
                                               ``ModuleList`` (2+ children)
     no container at all                       leaf modules with parameters     those leaves
@@ -114,11 +120,16 @@ def _match_segments(pattern: list[str], name: list[str]) -> bool:
 
 
 def _auto_layers(model: nn.Module) -> list[str]:
+    return family_layers(model) or _fallback_layers(model)
+
+
+def family_layers(model: nn.Module) -> list[str]:
+    """The residual blocks of the first submodule whose family ``find_layers`` recognizes (``[]`` when none is)."""
     for prefix, module in named_modules(model).items():
         found = _family_layers(module)
         if found:
             return [f"{prefix}.{name}" if prefix else name for name in found]
-    return _fallback_layers(model)
+    return []
 
 
 def _family_layers(module: nn.Module) -> list[str]:
@@ -137,11 +148,44 @@ def _family_layers(module: nn.Module) -> list[str]:
     if _is_container(blocks):
         if all(_is_container(b) for b in blocks):
             return [f"blocks.{i}.{j}" for i, stage in blocks.named_children() for j in _child_names(stage)]
-        return [f"blocks.{i}" for i in _child_names(blocks)]
+        # CaiT and XCiT add their class token after the patch blocks, in blocks of their own.
+        later = next(
+            (a for a in ("blocks_token_only", "cls_attn_blocks") if _is_container(getattr(module, a, None))), ""
+        )
+        tail = [f"{later}.{j}" for j in _child_names(getattr(module, later))] if later else []
+        return [f"blocks.{i}" for i in _child_names(blocks)] + tail
     resnet_stages = []
     while _is_container(getattr(module, f"layer{len(resnet_stages) + 1}", None)):
         resnet_stages.append(getattr(module, f"layer{len(resnet_stages) + 1}"))
-    return [f"layer{i + 1}.{j}" for i, stage in enumerate(resnet_stages) for j in _child_names(stage)]
+    if resnet_stages:
+        return [f"layer{i + 1}.{j}" for i, stage in enumerate(resnet_stages) for j in _child_names(stage)]
+    encoder_layers = getattr(getattr(module, "encoder", None), "layers", None)
+    if _is_container(encoder_layers):  # torchvision's VisionTransformer
+        return [f"encoder.layers.{i}" for i in _child_names(encoder_layers)]
+    return _stage_blocks(module)
+
+
+def _stage_blocks(module: nn.Module) -> list[str]:
+    """The blocks of 2+ stages that each hold blocks of one class, in the module or one of its containers.
+
+    torchvision keeps its stages in ``features`` (ConvNeXt, Swin, EfficientNet) or ``trunk_output`` (RegNet) between a
+    patch embedding, downsampling layers and a head; timm's RegNet names them ``s1``, ``s2``, ... A stage is a module
+    whose children are all instances of one class defined outside ``torch.nn`` (a block, not a ``Conv2d`` / norm
+    sequence).
+    """
+    for prefix, owner in [("", module), *((f"{n}.", c) for n, c in module.named_children() if _is_container(c))]:
+        stages = [(name, child) for name, child in owner.named_children() if _is_block_stage(child)]
+        if len(stages) >= 2:
+            return [f"{prefix}{name}.{j}" for name, stage in stages for j in _child_names(stage)]
+    return []
+
+
+def _is_block_stage(module: nn.Module) -> bool:
+    classes = {type(child) for child in module.children()}
+    if len(classes) != 1:
+        return False
+    (cls,) = classes
+    return not cls.__module__.startswith("torch.nn") and not isinstance(module, nn.ModuleDict)
 
 
 def _fallback_layers(model: nn.Module) -> list[str]:
