@@ -27,7 +27,7 @@ class FieldError(ValueError):
     """A field whose value does not match its declaration (its ``key`` is the field's name)."""
 
     def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"field '{key}': {message}")
+        super().__init__(f"field '{key}' {message}")
         self.key = key
 
 
@@ -178,7 +178,9 @@ def check_shapes(schema: Mapping[str, Field], values: Mapping[str, Any]) -> None
                 free[expected] = size
             elif size != expected:
                 raise FieldError(
-                    key, f"has shape {value.shape}, but axis {axis} should be {expected} ({dim}) {_spec(f.shape)}"
+                    key,
+                    f"has shape {value.shape}, but axis {axis} should be {expected}, {_what(dim, prefix, schema)} "
+                    f"{_spec(f.shape)}",
                 )
 
 
@@ -197,6 +199,14 @@ def _dim(dim: Any, prefix: str, schema: Mapping[str, Field], values: Mapping[str
     if declared is not None and declared.kind == "int":
         return int(values[name]) if values.get(name) is not None else None
     return free.get(name, name)
+
+
+def _what(dim: Any, prefix: str, schema: Mapping[str, Field]) -> str:
+    if isinstance(dim, int):
+        return "always"
+    name = prefix + dim if (prefix + dim) in schema or dim not in schema else dim
+    kind = schema[name].kind if name in schema else ""
+    return {"names": f"the length of '{name}'", "int": f"the value of '{name}'"}.get(kind, f"as '{dim}' elsewhere")
 
 
 def _spec(shape: tuple) -> str:

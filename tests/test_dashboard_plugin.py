@@ -298,11 +298,54 @@ def test_garbage_tensor_is_a_json_error_and_history_skips_it(tmp_path):
     writer.close()
     client, _ = client_for(tmp_path)
     code, body = get(client, "figure", run="run", tag="cka/intra", step=1)
-    assert code == 500
+    assert code == 422
     assert "not valid JSON" in body["error"]
     code, body = get(client, "history", run="run", tag="cka/intra", row=1, col=1)
     assert code == 200
     assert body["steps"] == [0]
+
+
+def strict_json(body: bytes):
+    """JSON as a browser parses it: NaN and Infinity literals are errors (Python's json takes them)."""
+
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(body, parse_constant=refuse)
+
+
+CRAFTED = {
+    "a scalar heatmap": b'{"panels": [{"kind": "heatmap", "rows": ["a"], "cols": ["b"], "values": 5}]}',
+    "ragged values": b'{"panels": [{"kind": "heatmap", "rows": ["a", "b"], "cols": ["c", "d"], '
+    b'"values": [[1, 2], [3]]}]}',
+    "a NaN literal": b'{"panels": [{"kind": "heatmap", "rows": ["a"], "cols": ["b"], "values": [[NaN]]}]}',
+    "fewer names than rows": b'{"panels": [{"kind": "heatmap", "rows": ["a"], "cols": ["b"], "values": [[1], [2]]}]}',
+    "text for numbers": b'{"panels": [{"kind": "curves", "x": ["a"], "series": [{"label": "", "values": ["x"]}]}]}',
+    "an unknown kind": b'{"panels": [{"kind": "pie", "values": [1]}]}',
+    "a scatter of triples": b'{"panels": [{"kind": "scatter", "series": [{"label": "", "values": [[1, 2, 3]]}]}]}',
+}
+
+
+@pytest.mark.parametrize("payload", list(CRAFTED.values()), ids=list(CRAFTED))
+def test_crafted_figure_tensors_get_a_json_4xx_and_history_skips_them(tmp_path, payload):
+    write_run(tmp_path / "run", steps=(0,))
+    crafted = figure_summary(probe_figures(1)[0], summary_tag("cka/intra"))
+    crafted.value[0].tensor.string_val[0] = payload
+    writer = SummaryWriter(str(tmp_path / "run"))
+    writer._get_file_writer().add_summary(crafted, 1)
+    writer.close()
+    client, _ = client_for(tmp_path)
+    response = client.get(
+        "/data/plugin/lightning_cka/figure", query_string={"run": "run", "tag": "cka/intra", "step": 1}
+    )
+    assert response.status_code == 422
+    assert "error" in strict_json(response.get_data())
+    for params in ({"row": 1, "col": 1}, {"row": 0, "col": 0}):
+        response = client.get(
+            "/data/plugin/lightning_cka/history", query_string={"run": "run", "tag": "cka/intra", **params}
+        )
+        assert response.status_code == 200
+        assert strict_json(response.get_data())["steps"] == [0]
 
 
 def test_a_figure_under_its_old_and_its_current_tag_is_read_from_the_current_one(tmp_path):

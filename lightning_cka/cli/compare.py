@@ -6,6 +6,8 @@ from typing import Any
 
 from lightning_cka.cli.options import RUN_HELP, add_local_threshold, fraction, sentence, step
 
+FORMATS = ("png", "pdf", "svg")
+
 
 def add_command(commands: Any) -> None:
     """Add the subcommand to the ``commands`` of the ``lightning-cka`` parser."""
@@ -26,7 +28,17 @@ def add_command(commands: Any) -> None:
         help="global step to compare, present in every run ('last', the default: the last step all have); a run "
         "given as a .npz file is that probe whatever the step",
     )
-    parser.add_argument("--out", required=True, type=Path, metavar="FILE", help="figure file (.png, .pdf, .svg)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        metavar="FILE_OR_DIR",
+        help="a figure file (.png, .pdf or .svg) with every comparison stacked, or a folder (any other name) with one "
+        "file per figure, named after its tag",
+    )
+    parser.add_argument(
+        "--format", nargs="+", choices=FORMATS, default=["png"], help="file formats in a folder --out (default: png)"
+    )
     parser.add_argument("--labels", nargs=2, metavar=("A", "B"), help="names of the two sides")
     parser.add_argument(
         "--alpha", type=fraction, default=0.05, help="false discovery rate of the marked differences (default 0.05)"
@@ -58,7 +70,6 @@ def compare(specs_a: list[str], specs_b: list[str], args: argparse.Namespace) ->
     from lightning_cka.cli.runs import read_run
     from lightning_cka.engine.analysis import View
     from lightning_cka.figures.groups import Group, compare_groups
-    from lightning_cka.figures.render import draw_figures
 
     runs_a, runs_b = [read_run(s) for s in specs_a], [read_run(s) for s in specs_b]
     step_ = _common_step([*runs_a, *runs_b], args.step)
@@ -75,13 +86,32 @@ def compare(specs_a: list[str], specs_b: list[str], args: argparse.Namespace) ->
         figures = compare_groups(*groups, alpha=args.alpha, note=note)
     except ValueError as err:
         raise CLIError(str(err)) from err
-    try:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        draw_figures(figures).savefig(args.out, dpi=120)
-    except (ValueError, OSError) as err:
-        raise CLIError(f"cannot write --out {args.out}: {err}") from err
+    written = _write(figures, args.out, args.format)
     print("\n".join(compare_lines(probes_a, probes_b, labels, runs_a, runs_b, args.local_threshold, note)))
-    print(f"\nwrote {args.out}")
+    print(f"\nwrote {', '.join(str(path) for path in written)}")
+
+
+def _write(figures: list, out: Path, formats: list[str]) -> list[Path]:
+    """Every comparison figure in one file (``out`` names one), or one file per figure and format in folder ``out``."""
+    from lightning_cka.cli.errors import CLIError
+    from lightning_cka.figures.render import draw_figure, draw_figures
+
+    try:
+        if out.suffix.lower().lstrip(".") in FORMATS and not out.is_dir():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            draw_figures(figures).savefig(out, dpi=120)
+            return [out]
+        out.mkdir(parents=True, exist_ok=True)
+        written = []
+        for figure in figures:
+            drawing = draw_figure(figure)
+            for fmt in formats:
+                path = out / f"{figure.tag.replace('/', '_')}.{fmt}"
+                drawing.fig.savefig(path, dpi=150)
+                written.append(path)
+        return written
+    except (ValueError, OSError) as err:
+        raise CLIError(f"cannot write --out {out}: {err}") from err
 
 
 def _common_step(runs: list, wanted: int | str) -> int | str:

@@ -7,6 +7,7 @@ from typing import Any
 from lightning_cka.cli.options import RUN_HELP, add_local_threshold, sentence, step
 
 FORMATS = ("png", "pdf", "svg")
+MIN_DPI, MAX_DPI = 10, 1200  # a 5.2-inch figure at 1200 dpi is 6240 pixels wide
 
 
 def add_command(commands: Any) -> None:
@@ -24,7 +25,9 @@ def add_command(commands: Any) -> None:
     parser.add_argument(
         "--format", nargs="+", choices=FORMATS, default=["png"], help="file formats (default: png); several allowed"
     )
-    parser.add_argument("--dpi", type=int, default=300, help="resolution of PNG files (default: 300)")
+    parser.add_argument(
+        "--dpi", type=int, default=300, help=f"resolution of PNG files, {MIN_DPI} to {MAX_DPI} (default: 300)"
+    )
     add_local_threshold(parser)
     parser.set_defaults(handler=_main)
 
@@ -35,8 +38,8 @@ def _main(args: argparse.Namespace) -> None:
     from lightning_cka.engine.analysis import View
     from lightning_cka.figures.render import draw_figure
 
-    if args.dpi < 10:
-        raise CLIError(f"--dpi must be at least 10, got {args.dpi}.")
+    if not MIN_DPI <= args.dpi <= MAX_DPI:
+        raise CLIError(f"--dpi must be between {MIN_DPI} and {MAX_DPI} (print quality is 300-600), got {args.dpi}.")
     run = read_run(args.run)
     result = run.probe(args.step)
     earlier = [s for s in run.steps if s < result.step]

@@ -71,14 +71,20 @@ def read_run(spec: str | Path) -> Run:
         for file in files:
             try:
                 result = CKAResult.load(file)
-            except ValueError as err:
-                run.skipped.append(f"{file} ({err})")
+            except ValueError as err:  # the message names the file and what is wrong with it
+                run.skipped.append(str(err))
                 continue
             run.probes[result.step] = result
     if not run.probes:
-        raise CLIError(f"{spec} holds no readable probe files ({'; '.join(run.skipped)}).")
-    if run.skipped:
-        print(f"lightning-cka: warning: skipped unreadable probe files: {'; '.join(run.skipped)}", file=sys.stderr)
+        raise CLIError(f"{spec} holds no readable probe files: {'; '.join(run.skipped)}.")
+    for skipped in run.skipped:
+        print(f"lightning-cka: warning: skipped {skipped}", file=sys.stderr)
+    for line in run.probes[run.steps[-1]].unresolved():
+        print(
+            f"lightning-cka: note: the analysis {line}; its fields are read, but its figures and numbers need its "
+            "module importable here (PYTHONPATH).",
+            file=sys.stderr,
+        )
     return run
 
 

@@ -139,7 +139,7 @@ class CKADashboardPlugin(base_plugin.TBPlugin):
         try:
             parse_figure(sample.payload)  # never hand the frontend a half-figure
         except ValueError as e:
-            raise _Error(500, f"step {sample.step} of {tag!r} in run {run!r}: {e}") from None
+            raise _Error(422, f"step {sample.step} of {tag!r} in run {run!r}: {e}") from None
         head = json.dumps({"run": run, "tag": tag, "step": sample.step, "wall_time": sample.wall_time})
         # The stored JSON goes out as it is: no decoding and re-encoding of large heatmaps per request.
         return head[:-1].encode() + b',"figure":' + sample.payload + b"}"  # type: ignore[operator]

@@ -6,12 +6,14 @@ every step's JSON, so a series is read once and kept until ``list_tensors`` repo
 
 import bisect
 import json
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from tensorboard.data import provider
 
 from lightning_cka.dashboard.summaries import METADATA_VERSION, PLUGIN_NAME, figure_tag, summary_tag
@@ -162,20 +164,85 @@ class FigureStore:
 
 
 def parse_figure(payload: bytes | None) -> dict[str, Any]:
-    """A sample's figure JSON as a dict.
+    """A sample's figure JSON as a dict, checked to be a whole figure the frontend can draw.
+
+    Strict JSON (no ``NaN`` or ``Infinity`` literals: the figure route hands the payload to the browser as it is), and
+    every panel of a known kind whose arrays are numbers (or null) of the shapes its names say.
 
     Raises:
-        ValueError: when the payload is not the JSON of a figure (not a string tensor, bad JSON, no panel list).
+        ValueError: when the payload is not the JSON of a figure (not a string tensor, bad JSON, a panel that is not
+            one), naming what is wrong.
     """
     if payload is None:
         raise ValueError("the tensor is not a scalar string")
     try:
-        figure = json.loads(payload)
+        figure = json.loads(payload, parse_constant=_no_constant)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"the tensor is not valid JSON ({e})") from e
     if not isinstance(figure, dict) or not isinstance(figure.get("panels"), list):
         raise ValueError("the JSON is not a figure (no list of panels)")
+    for i, panel in enumerate(figure["panels"]):
+        try:
+            _check_panel(panel)
+        except (ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"panel {i} is not a figure panel: {e}") from None
     return figure
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON (the figure writer writes null)")
+
+
+def _check_panel(panel: Any) -> None:
+    """Raise unless ``panel`` is a panel of a known kind with arrays of the shapes its names give."""
+    kind = panel.get("kind") if isinstance(panel, dict) else None
+    if kind == "heatmap":
+        rows, cols = _names(panel, "rows"), _names(panel, "cols")
+        for name in ("values", "error", "null", "marked"):
+            if name == "values" or panel.get(name) is not None:
+                _numbers(panel[name], name, (len(rows), len(cols)))
+    elif kind in ("dots", "curves", "scatter"):
+        size = len(_names(panel, "x")) if kind != "scatter" else None
+        series = panel.get("series")
+        if not isinstance(series, list):
+            raise ValueError("its series are not a list")
+        for s in series:
+            values = _numbers(s["values"], "series values")
+            if kind == "curves" and values.shape != (size,):
+                raise ValueError(f"curve values of shape {values.shape} for {size} x positions")
+            if kind == "dots" and (values.ndim not in (1, 2) or values.shape[0] != size):
+                raise ValueError(f"dot values of shape {values.shape} for {size} x positions")
+            if kind == "scatter" and (values.ndim != 2 or values.shape[1] != 2):
+                raise ValueError(f"scatter points of shape {values.shape}, not (N, 2)")
+            if s.get("error") is not None:
+                _numbers(s["error"], "series error", values.shape)
+    else:
+        raise ValueError(f"unknown kind {kind!r}")
+
+
+def _names(panel: dict[str, Any], key: str) -> list[str]:
+    names = panel.get(key)
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"its {key} are not a list of names")
+    return names
+
+
+def _numbers(values: Any, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    try:
+        array = np.asarray(_null_to_nan(values), dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"its {name} are not a rectangular array of numbers") from None
+    if shape is not None and array.shape != shape:
+        raise ValueError(f"its {name} have shape {array.shape}, not {shape}")
+    return array
+
+
+def _null_to_nan(values: Any) -> Any:
+    if isinstance(values, list):
+        return [_null_to_nan(v) for v in values]
+    if isinstance(values, bool | int | float) or values is None:
+        return math.nan if values is None else values
+    raise TypeError(f"{type(values).__name__} where a number belongs")
 
 
 def _metadata_version(content: bytes) -> int | None:
