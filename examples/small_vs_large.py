@@ -7,18 +7,16 @@
 
 Raghu et al. 2021 observe that a ViT trained on too little data does not learn local attention in its lower layers;
 the comparison figure shows both runs' CKA heatmaps, their difference and their mean attention distances. Flags other
-than those below go to examples/train.py, for both runs alike.
+than those below go to examples/train.py, for both runs alike. This is examples/ablate.py with the two sides fixed to
+--train-fraction SMALL and --train-fraction LARGE.
 """
 
 import argparse
-import shlex
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import train
-
-from lightning_cka.cli import main as lightning_cka
+from ablate import Side, ablate, check_train_flags, existing
 
 SET_BY_THIS_SCRIPT = ("--train-fraction", "--train-size", "--name", "--out", "--summary-json", "--max-epochs", "--seed")
 
@@ -66,43 +64,23 @@ def main(argv: Sequence[str] | None = None) -> Path:
         )
     if args.small >= args.large:
         parser.error(f"--small ({args.small}) must be smaller than --large ({args.large}).")
-
-    runs: dict[str, list[str]] = {"small": [], "large": []}
-    labels = []
-    total = 2 * args.seeds
-    for name, part in (("small", args.small), ("large", args.large)):
-        for seed in range(args.seeds):
-            print(
-                f"run {len(runs['small']) + len(runs['large']) + 1}/{total}: {name} ({part:g} of the training set), "
-                f"seed {seed}",
-                flush=True,
-            )
-            run_name = name if args.seeds == 1 else f"{name}-seed{seed}"
-            summary = train.main(
-                [
-                    *train_args,
-                    "--train-fraction",
-                    str(part),
-                    "--name",
-                    run_name,
-                    "--out",
-                    str(args.out),
-                    "--seed",
-                    str(seed),
-                ]
-            )
-            runs[name].append(summary["log_dir"])
-        labels.append(f"{name}, {summary['train_size']} images")
-    figure = args.out / "comparison.png"
-    command = ["compare", *runs["small"], "--vs", *runs["large"], "--step", args.step, "--out", str(figure)]
-    command += ["--labels", *labels]
-    status = lightning_cka(command)
-    if status:
-        sys.exit(status)
-    print(f"small runs: {', '.join(runs['small'])}\nlarge runs: {', '.join(runs['large'])}\ncomparison: {figure}")
-    print(f"rerun the comparison: {shlex.join(['lightning-cka', *command])}")
-    print(f"logs of both: tensorboard --logdir {args.out}")
-    return figure
+    sides = [
+        Side(
+            name,
+            ["--train-fraction", str(part)],
+            label=lambda summary, name=name: f"{name}, {summary['train_size']} images",
+            description=f"{part:g} of the training set",
+        )
+        for name, part in (("small", args.small), ("large", args.large))
+    ]
+    earlier = existing(args.out, sides, args.seeds)
+    if earlier:
+        parser.error(
+            f"{args.out} already holds {', '.join(path.name for path in earlier)} from an earlier comparison: give "
+            "another --out, or remove those first."
+        )
+    check_train_flags([*train_args, *sides[0].flags])
+    return ablate(sides, args.seeds, args.out, args.step, train_args)
 
 
 if __name__ == "__main__":

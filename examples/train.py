@@ -22,7 +22,7 @@ from typing import Any
 import pytorch_lightning as pl
 import timm
 import torch
-from classifier import PRESETS, ImageClassifier, timm_spec
+from classifier import PRESETS, ImageClassifier, parse_no_skip, timm_spec
 from image_data import DATASETS, cifar10_splits, digits_splits, imagefolder_splits, subsample
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
@@ -64,6 +64,22 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """An argparse type: a float >= 0."""
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or positive, got {text}")
+    return value
+
+
+def no_skip_blocks(text: str) -> list[str]:
+    """An argparse type: ``--no-skip`` as ``BLOCK:BRANCH`` strings (:func:`classifier.parse_no_skip`)."""
+    try:
+        return parse_no_skip(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
 def fraction(text: str) -> float:
     """An argparse type: a float in (0, 1]."""
     value = float(text)
@@ -88,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("token", "avg"),
         help="ViTs: classify from the CLS token or the average of the patch tokens (Raghu et al. 2021 compare both)",
     )
+    data.add_argument(
+        "--no-skip",
+        type=no_skip_blocks,
+        metavar="BLOCKS",
+        help="ViTs: remove the skip connection of these blocks' branches: 3 (attention and MLP of block 3), 3:attn, "
+        "2:mlp,4 ... (blocks count from 0; x = attn(norm1(x)) instead of x = x + attn(norm1(x)))",
+    )
     data.add_argument("--dataset", choices=DATASETS, default="digits", help="training data (default: digits)")
     data.add_argument("--data-dir", type=Path, help="dataset folder, for cifar10 and imagefolder")
     size = data.add_mutually_exclusive_group()
@@ -104,12 +127,41 @@ def build_parser() -> argparse.ArgumentParser:
         "--warmup-fraction", type=float, default=0.1, help="warmup share of steps (default: %(default)s)"
     )
     train.add_argument(
+        "--cutmix",
+        type=non_negative_float,
+        nargs="?",
+        const=1.0,
+        default=0.0,
+        metavar="ALPHA",
+        help="CutMix training batches (timm's Mixup) with this alpha; the flag alone: 1.0 (default: off)",
+    )
+    train.add_argument(
+        "--mixup",
+        type=non_negative_float,
+        nargs="?",
+        const=0.8,
+        default=0.0,
+        metavar="ALPHA",
+        help="MixUp training batches with this alpha; the flag alone: 0.8. With --cutmix too, each batch gets one of "
+        "the two at random (default: off)",
+    )
+    train.add_argument(
+        "--label-smoothing",
+        type=float,
+        default=0.0,
+        metavar="EPS",
+        help="label smoothing of the training targets; validation and test use hard labels (default: 0)",
+    )
+    train.add_argument(
         "--val-every", type=positive_int, default=50, help="validate every N steps (default: %(default)s)"
     )
     train.add_argument("--accelerator", default="auto", help="cpu, gpu, ... (default: %(default)s)")
     train.add_argument("--devices", default="auto", help="a number, a list such as 0,1, or auto (default: %(default)s)")
     train.add_argument("--precision", default="32-true", help="32-true, bf16-mixed, 16-mixed (default: %(default)s)")
     train.add_argument("--num-workers", type=non_negative_int, help="loader workers (default: 0 for digits, else 8)")
+    train.add_argument(
+        "--threads", type=positive_int, help="torch threads of this process (default: torch's, or OMP_NUM_THREADS)"
+    )
     train.add_argument("--seed", type=int, default=0, help="seeds weights, batch order and subsample (default: 0)")
     train.add_argument("--out", type=Path, default=Path("runs"), help="root of the logs (default: %(default)s)")
     train.add_argument("--name", help="run name (default: MODEL-DATASET, with -nSIZE or -fracFRACTION)")
@@ -208,10 +260,19 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("--probe-size and --cka-batch-size must be at least 4 (the unbiased CKA estimator needs 4).")
     if not 0 <= args.warmup_fraction < 1:
         parser.error(f"--warmup-fraction must be in [0, 1), got {args.warmup_fraction}.")
+    if not 0 <= args.label_smoothing < 1:
+        parser.error(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}.")
     try:
         args.model_kwargs = parse_model_kwargs(args.model_kwargs)
     except ValueError as err:
         parser.error(str(err))
+    if args.no_skip:
+        try:  # on the meta device: checks that the model is a ViT with these blocks without allocating weights
+            with torch.device("meta"):
+                name, kwargs = model_spec(args, 10)
+                timm.create_model(name, **kwargs)
+        except ValueError as err:
+            parser.error(f"--no-skip {','.join(args.no_skip)}: {err}")
 
 
 def load_data(args: argparse.Namespace) -> tuple[Dataset, Dataset, Dataset, int]:
@@ -254,10 +315,27 @@ def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return extra
 
 
+def model_spec(args: argparse.Namespace, num_classes: int) -> tuple[str, dict[str, Any]]:
+    """The timm name and kwargs of the model to train; with ``--no-skip``, the ``vit_no_skip`` wrapper of them.
+
+    The checkpoint saves both, so ``Reference(checkpoint)`` rebuilds the same architecture in any process that
+    imported ``classifier`` (which registers ``vit_no_skip`` with timm).
+    """
+    name, kwargs = timm_spec(args.model, num_classes, model_kwargs(args))
+    if args.no_skip:
+        name, kwargs = "vit_no_skip", {"base": name, "no_skip": list(args.no_skip), **kwargs}
+    return name, kwargs
+
+
 def plan(args: argparse.Namespace, trainer: pl.Trainer, monitor: CKAMonitor | None, train_size: int) -> str:
     """One line saying what this run will do, printed before anything slow starts."""
     steps = args.max_steps or (f"{args.max_epochs} epochs" if args.max_epochs else DEFAULT_STEPS)
     parts = [f"plan: {args.model} on {args.dataset} ({train_size} training images), {steps} steps"]
+    if args.no_skip:
+        parts.append(f"no skip connection at {', '.join(args.no_skip)}")
+    mixing = [f"{name} {alpha:g}" for name, alpha in (("CutMix", args.cutmix), ("MixUp", args.mixup)) if alpha > 0]
+    if mixing or args.label_smoothing:
+        parts.append(" and ".join(mixing + [f"label smoothing {args.label_smoothing:g}"] * (args.label_smoothing > 0)))
     if monitor is None:
         parts.append("no CKA monitor")
     else:
@@ -302,6 +380,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     pl.seed_everything(args.seed, workers=True)
     try:
         train_set, val_set, test_set, num_classes = load_data(args)
@@ -317,8 +397,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             dataset, args.batch_size, shuffle, num_workers=workers, persistent_workers=workers > 0, generator=generator
         )
 
-    timm_name, timm_kwargs = timm_spec(args.model, num_classes, model_kwargs(args))
-    module = ImageClassifier(timm_name, timm_kwargs, args.lr, args.weight_decay, args.warmup_fraction)
+    timm_name, timm_kwargs = model_spec(args, num_classes)
+    module = ImageClassifier(
+        timm_name,
+        timm_kwargs,
+        args.lr,
+        args.weight_decay,
+        args.warmup_fraction,
+        mixup_alpha=args.mixup,
+        cutmix_alpha=args.cutmix,
+        label_smoothing=args.label_smoothing,
+    )
     monitor = make_monitor(args, num_classes)
     with warnings.catch_warnings(), quiet_lightning_tips():  # Lightning prints its tip when the Trainer is made
         trainer = make_trainer(args, monitor)
@@ -349,6 +438,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "steps_per_second": round(trainer.global_step / fit_seconds, 3),
         "test_accuracy": round(float(test_metrics["test/accuracy"]), 4),
         "cka_every": args.cka_every,
+        "cutmix": args.cutmix,
+        "mixup": args.mixup,
+        "label_smoothing": args.label_smoothing,
     }
     if trainer.is_global_zero:
         print(

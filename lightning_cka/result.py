@@ -58,8 +58,8 @@ class CKAResult:
 
     Args:
         fields: field values by key.
-        analyses: the analyses that made the fields (they declare them and draw them). Default: every built-in
-            analysis with its default options.
+        analyses: the analyses that made the fields (they declare them and draw them). Default: the built-in analyses
+            of lightning-cka 0.1 (every one of them, with default options).
         values: more field values as keywords.
 
     Example:
@@ -73,9 +73,7 @@ class CKAResult:
         self, fields: Mapping[str, Any] | None = None, /, *, analyses: Sequence[Analysis] | None = None, **values: Any
     ) -> None:
         if analyses is None:
-            from lightning_cka.analyses import builtin_analyses
-
-            analyses = [cls() for cls in builtin_analyses()]
+            analyses = [from_record(record) for record in legacy_records({})]
         schema = _schema(analyses)
         merged = {**(fields or {}), **values}
         unknown = sorted(set(merged) - set(schema))
@@ -203,10 +201,9 @@ class CKAResult:
                 raise FieldError("analyses", "is not a list of analysis records")
             analyses = [from_record(record) for record in records]
         else:  # files of lightning-cka 0.1 and 0.2: the analyses of those versions, with the options they stored
-            from lightning_cka.analyses.legacy import legacy_analyses
-
             settings = raw.get("settings")
-            analyses = legacy_analyses(json.loads(str(settings)) if settings is not None and str(settings) else {})
+            records = legacy_records(json.loads(str(settings)) if settings is not None and str(settings) else {})
+            analyses = [from_record(record) for record in records]
         schema = _schema(analyses)
         values = {}
         for key, array in raw.items():
@@ -258,3 +255,36 @@ def _schema(analyses: Sequence[Analysis]) -> dict[str, Field]:
         if f.per_model:
             out[f"reference_{f.key}"] = f
     return out
+
+
+def legacy_records(settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """The analyses of a file written before files recorded their own (lightning-cka 0.1, formats 1 and 2).
+
+    Those files hold the fields of a fixed set of built-in analyses, and format 2 stores the options they ran with in
+    its ``settings``: this is that set, as the records a newer file would hold. The list is frozen; an analysis added
+    later cannot be in those files.
+
+    Example:
+        >>> [record["name"] for record in legacy_records({"options": {"permutations": 39}})][:3]
+        ['cka', 'attention', 'heads']
+        >>> legacy_records({"options": {"permutations": 39}})[0]["config"]
+        {'permutations': 39}
+    """
+    options = settings.get("options") if isinstance(settings.get("options"), dict) else {}
+    null = {key: options[key] for key in ("permutations", "minibatch_weights") if key in options}
+    attention = {
+        "renormalize": bool(options.get("renormalize_attention", False)),
+        "local_threshold": settings.get("local_threshold", 0.5),
+    }
+    classes = [
+        ("cka", "layer_cka:LayerCKA", null),
+        ("attention", "attention:AttentionStats", attention),
+        ("heads", "heads:HeadCKA", null),
+        ("residual", "residual:ResidualRatio", {}),
+        ("localization", "localization:Localization", {"layer": options.get("localization_layer"), **null}),
+        ("linear_probe", "linear_probe:LinearProbe", {}),
+        ("rank", "rank:EffectiveRank", {}),
+    ]
+    return [
+        {"name": name, "class": f"lightning_cka.analyses.{path}", "config": config} for name, path, config in classes
+    ]

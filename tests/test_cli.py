@@ -86,6 +86,20 @@ def test_compare_draws_a_png_and_prints_the_table_at_the_last_common_step(runs, 
     assert float(distances["blocks.0.attn"][-1]) < 0  # half the distances
 
 
+@pytest.mark.parametrize("existing", [True, False])
+def test_compare_into_a_folder_writes_one_file_per_figure_and_names_them(runs, tmp_path, capsys, existing):
+    small, big = runs
+    out = tmp_path / "panels"
+    if existing:
+        out.mkdir()
+    assert run_cli("compare", small, big, "--out", out, "--format", "png", "svg") == 0
+    written = sorted(p.name for p in out.iterdir())
+    assert {"cka_intra.png", "cka_intra.svg", "attention_mean_distance.png"} <= set(written)
+    assert (out / "cka_intra.png").read_bytes()[:4] == PNG
+    said = capsys.readouterr().out.splitlines()[-1]
+    assert said.startswith("wrote ") and all(str(out / name) in said for name in written)
+
+
 def test_compare_refuses_different_probes_unless_allowed(runs, probe, tmp_path, capsys):
     small, _ = runs
     other = make_run(tmp_path / "other", probe, [0, 100], probe_hash="f" * 40)
@@ -158,7 +172,7 @@ def test_a_resumed_run_split_over_two_folders_reads_as_one(probe, tmp_path, caps
     assert "(step 300)" in capsys.readouterr().out
 
 
-def test_unreadable_probe_files_are_skipped_with_one_warning(probe, tmp_path, capsys):
+def test_unreadable_probe_files_are_skipped_with_one_line_each(probe, tmp_path, capsys):
     run = make_run(tmp_path / "run", probe, [0, 10])
     (run / "cka" / "step_0000020.npz").write_bytes(b"")  # a kill left it empty
     (run / "cka" / "step_0000030.npz").write_bytes(b"PK\x03\x04 cut short")
@@ -166,7 +180,8 @@ def test_unreadable_probe_files_are_skipped_with_one_warning(probe, tmp_path, ca
     assert run_cli("summary", run) == 0
     out, err = capsys.readouterr()
     assert "steps        0, 10" in out
-    assert err.count("\n") == 1 and "step_0000020.npz" in err and "step_0000030.npz" in err and ".tmp" not in err
+    lines = err.splitlines()
+    assert len(lines) == 2 and "step_0000020.npz" in lines[0] and "step_0000030.npz" in lines[1] and ".tmp" not in err
 
 
 def test_plot_writes_every_figure_of_a_probe_in_print_formats(runs, tmp_path, capsys):
@@ -307,11 +322,12 @@ ERRORS = {
     "step missing": (["compare", "{small}", "{big}", "--step", "200", "--out", "{root}/c.png"], "step 200 is not in"),
     "one run": (["compare", "{small}", "--out", "{root}/c.png"], "give two runs (A B), or side B after --vs"),
     "plot step": (["plot", "{small}", "--step", "7", "--out", "{root}/p"], "step 7 is not in"),
-    "plot dpi": (["plot", "{small}", "--dpi", "1", "--out", "{root}/p"], "--dpi must be at least 10"),
+    "plot dpi": (["plot", "{small}", "--dpi", "1", "--out", "{root}/p"], "--dpi must be between 10 and 1200"),
+    "plot dpi huge": (["plot", "{small}", "--dpi", "100000", "--out", "{root}/p"], "--dpi must be between 10 and 1200"),
     "no saved probe": (["analyze", "--model", "test_vit", "--out", "{root}/o"], "no --data given"),
     "no common step": (["compare", "{small}", "{root}/analyzed", "--out", "{root}/c.png"], "no step in common"),
     "layers": (["compare", "{small}", "{root}/renamed", "--out", "{root}/c.png"], "monitor different layers"),
-    "format": (["compare", "{small}", "{big}", "--out", "{root}/c.unknown"], "cannot write --out"),
+    "format": (["compare", "{small}", "{big}", "--out", "{root}/c.unknown"], "a figure file ends in .png, .pdf or"),
     "model": (["analyze", "--model", "no_such_net", "--data", "random", "--out", "{root}/o"], "neither a file"),
     "data": (["analyze", "--model", "test_vit", "--data", "cifar", "--out", "{root}/o"], "not 'random', 'digits'"),
     "npz keys": (["analyze", "--model", "test_vit", "--data", "{root}/other.npz", "--out", "{root}/o"], "none of"),

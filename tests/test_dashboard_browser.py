@@ -3,6 +3,7 @@
 Skipped when no Chromium is installed (`apt-get install chromium`, or point $CHROMIUM at one).
 """
 
+import dataclasses
 import json
 import threading
 import time
@@ -12,12 +13,15 @@ import pytest
 from dashboard_browser import DASHBOARD_JS, Browser, find_chromium, tensorboard
 
 from lightning_cka.dashboard import demo
+from lightning_cka.dashboard.summaries import write_figures
+from lightning_cka.figures.cka import NULL_MARK
 
 CHROMIUM = find_chromium()
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="no Chromium found (apt-get install chromium, or set $CHROMIUM): no browser test"
 )
-STEPS = (0, 50, 100, 150, 200, 250, 300)
+STEPS = demo.STEPS
+LAST, LAYERS = STEPS[-1], 8
 READY = "cka().body.dataset.status === 'ready'"
 TIMES, MINUS = "\N{MULTIPLICATION SIGN}", "\N{MINUS SIGN}"  # as the dashboard writes them
 
@@ -30,20 +34,34 @@ def js_fmt(v: float) -> str:
 
 def written(run: str, step: int, tag: str) -> dict:
     """The figure the demo wrote for `run` at `step`, as its spec objects (what the test checks against)."""
-    reach, probe = {"vit-large": (1.0, "probe-3f2a9c"), "vit-small": (0.55, "probe-3f2a9c")}[run]
-    figures = demo.figures(step, run=run, progress=reach * step / STEPS[-1], probe=probe)
-    return next(f for f in figures if f.tag == tag)
+    return next(f for f in demo.figures(run, step) if f.tag == tag)
+
+
+def marked_figure():
+    """The demo's first cka/intra with cell (5, 1) and its mirror marked as null: real probes of the demo's synthetic
+    images are all far above their null, and the tab's marks must still be drawn and explained.
+    """
+    figure = written("vit-large", 0, "cka/intra")
+    marked = np.zeros((LAYERS, LAYERS), dtype=bool)
+    marked[5, 1] = marked[1, 5] = True
+    panel = dataclasses.replace(figure.panels[0], marked=marked, mark_label=NULL_MARK)
+    return dataclasses.replace(figure, panels=(panel,), meta={**figure.meta, "run": "vit-marked"})
 
 
 @pytest.fixture(scope="module")
 def page(tmp_path_factory):
+    from torch.utils.tensorboard import SummaryWriter
+
     logdir = tmp_path_factory.mktemp("dashboard")
     demo.write_demo(logdir, steps=STEPS)
+    writer = SummaryWriter(str(logdir / "vit-marked"))
+    write_figures(writer, [marked_figure()], 0)
+    writer.close()
     browser = {}
     # Chromium starts while TensorBoard loads: together they take the time of the slower one.
     starter = threading.Thread(target=lambda: browser.setdefault("b", Browser(CHROMIUM, 1400, 1000)))
     starter.start()
-    with tensorboard(logdir, runs=3) as url:
+    with tensorboard(logdir, runs=4) as url:
         starter.join()
         b = browser["b"]
         b.url = url
@@ -80,18 +98,18 @@ def test_tab_shows_the_heatmap_with_layer_names(page):
     assert page.evaluate("cka().querySelector('.bar select[title^=figure]').value") == "cka/intra"
     rows = page.evaluate("[...cka().querySelectorAll('svg.heatmap text.row-label')].map(t => t.textContent)")
     cols = page.evaluate("[...cka().querySelectorAll('svg.heatmap text.col-label')].map(t => t.textContent)")
-    names = [f"blocks.{i}" for i in range(12)]
+    names = [f"blocks.{i}" for i in range(LAYERS)]
     assert rows == names
     assert cols == names
     # the first row is drawn at the bottom
     y = page.evaluate("[...cka().querySelectorAll('svg.heatmap text.row-label')].map(t => t.getBoundingClientRect().y)")
     assert y == sorted(y, reverse=True)
-    assert page.evaluate("cka().querySelector('.step').textContent") == "step 300 · 7/7"
+    assert page.evaluate("cka().querySelector('.step').textContent") == f"step {LAST} · 7/7"
 
 
 def test_hover_shows_the_cell_its_error_and_its_history(page):
     open_dashboard(page)
-    heatmap = written("vit-large", 300, "cka/intra").panels[0]
+    heatmap = written("vit-large", LAST, "cka/intra").panels[0]
     tip = hover_cell(page, 0, 2, 7)
     assert tip.splitlines()[0] == f"blocks.2 {TIMES} blocks.7"
     assert f"CKA {heatmap.values[2, 7]:.3f} ± {heatmap.error[2, 7]:.3f}" in tip
@@ -105,28 +123,33 @@ def test_slider_changes_the_step(page):
     before = hover_cell(page, 0, 2, 7)
     page.evaluate("cka().querySelector('.bar input[type=range]').focus()")
     page.press("ArrowLeft", 37)
-    page.wait_for("cka().body.dataset.step === '250' && " + READY)
-    assert page.evaluate("cka().querySelector('.step').textContent") == "step 250 · 6/7"
-    value = written("vit-large", 250, "cka/intra").panels[0].values[2, 7]
+    page.wait_for(f"cka().body.dataset.step === '{STEPS[-2]}' && " + READY)
+    assert page.evaluate("cka().querySelector('.step').textContent") == f"step {STEPS[-2]} · 6/7"
+    value = written("vit-large", STEPS[-2], "cka/intra").panels[0].values[2, 7]
     after = hover_cell(page, 0, 2, 7)
     assert f"CKA {value:.3f}" in after
     assert after != before
     for _ in range(5):
         page.press("ArrowLeft", 37)
     page.wait_for("cka().body.dataset.step === '0' && " + READY)
-    # at step 0 the far cells are as similar as unrelated images: marked, and the tooltip says so
-    marked = written("vit-large", 0, "cka/intra").panels[0].marked
-    row, col = (int(i) for i in np.argwhere(marked)[0])
-    assert "indistinguishable from the null" in hover_cell(page, 0, row, col)
+
+
+def test_cells_marked_as_null_are_drawn_and_explained(page):
+    open_dashboard(page)
+    choose(page, "run A", "vit-marked")
+    legend = page.evaluate("[...cka().querySelectorAll('.legend span.dot')].map(e => e.textContent).join(' ')")
+    assert NULL_MARK in legend
+    assert "indistinguishable from the null" in hover_cell(page, 0, 5, 1)
+    assert "indistinguishable from the null" not in hover_cell(page, 0, 2, 3)
 
 
 def test_two_runs_side_by_side_with_their_difference(page):
     open_dashboard(page)
     choose(page, "run B", "vit-small")
     headers = page.evaluate("[...cka().querySelectorAll('.block h3')].map(h => h.textContent)")
-    assert headers == ["A · vit-large · step 300", "B · vit-small · step 300", f"A {MINUS} B"]
-    a = written("vit-large", 300, "cka/intra").panels[0].values[4, 1]
-    b = written("vit-small", 300, "cka/intra").panels[0].values[4, 1]
+    assert headers == [f"A · vit-large · step {LAST}", f"B · vit-small · step {LAST}", f"A {MINUS} B"]
+    a = written("vit-large", LAST, "cka/intra").panels[0].values[4, 1]
+    b = written("vit-small", LAST, "cka/intra").panels[0].values[4, 1]
     tip = hover_cell(page, 2, 4, 1)  # the third heatmap: the difference
     assert f"A {a:.3f}" in tip
     assert f"B {b:.3f}" in tip
@@ -134,7 +157,8 @@ def test_two_runs_side_by_side_with_their_difference(page):
     # another probe: refused with its reason, until the user allows it
     choose(page, "run B", "vit-other-probe")
     reason = page.evaluate("cka().querySelector('.refused .reason').textContent")
-    assert "different probe images (probe-3f2a9c vs probe-77e0b1)" in reason
+    probes = [written(run, LAST, "cka/intra").meta["probe"] for run in ("vit-large", "vit-other-probe")]
+    assert f"different probe images ({probes[0]} vs {probes[1]})" in reason
     assert page.evaluate("cka().querySelector('.difference')") is None
     page.evaluate("cka().querySelector('.refused input[type=checkbox]').click()")
     title = page.wait_for("(d => d && d.querySelector('h3').textContent)(cka().querySelector('.difference'))")
@@ -145,14 +169,14 @@ def test_attention_distances_with_the_local_threshold(page):
     open_dashboard(page)
     choose(page, "figure", "attention/mean_distance")
     labels = page.evaluate("[...cka().querySelectorAll('text.line-label')].map(t => t.textContent)")
-    assert sorted(labels) == ["local threshold (48 px)", "uniform attention"]
-    dots = written("vit-large", 300, "attention/mean_distance").panels[0]
+    dots = written("vit-large", LAST, "attention/mean_distance").panels[0]
+    assert sorted(labels) == sorted(line.label for line in dots.lines)  # local below ... px, uniform attention ...
     heads = dots.series[0].values
     assert page.evaluate("cka().querySelectorAll('circle.mark').length") == np.isfinite(heads).sum()
     # the first drawn dot is head 0 of the first layer
     page.hover(*page.evaluate("ckaPoint(0)"))
     tip = page.wait_for("(t => t.style.display === 'block' && t.innerText)(cka().querySelector('.tooltip'))")
-    assert tip.splitlines() == ["blocks.0 · head 0", f"mean attention distance (px) {js_fmt(heads[0, 0])}"]
+    assert tip.splitlines() == [f"{dots.x[0]} · head 0", f"{dots.y_label} {js_fmt(heads[0, 0])}"]
     legend = page.wait_for("(h => h && h.textContent)(cka().querySelector('.history svg'))")
-    assert "local threshold (48 px)" in legend
+    assert dots.lines[0].label in legend
     assert "head 0" in legend

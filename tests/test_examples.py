@@ -234,6 +234,9 @@ def test_small_vs_large_trains_seeds_of_both_and_compares_the_groups(tmp_path, c
     with pytest.raises(SystemExit):
         small_vs_large.main(["--train-size", "10"])
     assert "--train-size: set by this script" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a second comparison into the same folder would mix with the first
+        small_vs_large.main(args)
+    assert f"{tmp_path} already holds small-seed0, small-seed1, large-seed0" in capsys.readouterr().err
 
 
 def test_analyze_on_the_demo_checkpoint_reproduces_the_monitor(default_run, tmp_path, capsys):
@@ -268,3 +271,199 @@ def test_global_pool_flag_builds_the_cls_or_the_gap_vit(pool, prefix):
     with torch.device("meta"):
         model = timm.create_model("vit_tiny_patch16_224", **kwargs)
     assert model.global_pool == pool and model.num_prefix_tokens == prefix
+
+
+def test_no_skip_parses_blocks_and_branches():
+    assert classifier.parse_no_skip("3") == ["3:attn", "3:mlp"]
+    assert classifier.parse_no_skip("2:mlp,4") == ["2:mlp", "4:attn", "4:mlp"]
+    assert classifier.parse_no_skip("10:attn, 3:attn,3") == ["3:attn", "3:mlp", "10:attn"]
+    for bad in ("3:skip", "x", "", "-1"):
+        with pytest.raises(ValueError, match="expected BLOCK, BLOCK:attn or BLOCK:mlp"):
+            classifier.parse_no_skip(bad)
+
+
+def test_no_skip_block_computes_its_branches_without_the_skip():
+    torch.manual_seed(0)
+    model = timm.create_model("vit_no_skip", base="test_vit", no_skip=["0:attn", "1:attn", "1:mlp"], img_size=32)
+    plain, attn_only, both = model.blocks[2], model.blocks[0], model.blocks[1]
+    assert type(plain) is timm.models.vision_transformer.Block
+    assert isinstance(attn_only, classifier.NoSkipBlock) and (attn_only.skip_attn, attn_only.skip_mlp) == (False, True)
+    assert (both.skip_attn, both.skip_mlp) == (False, False)
+    x = torch.randn(2, 5, model.embed_dim)
+    y = attn_only.attn(attn_only.norm1(x))
+    torch.testing.assert_close(attn_only(x), y + attn_only.mlp(attn_only.norm2(y)))
+    y = both.attn(both.norm1(x))
+    torch.testing.assert_close(both(x), both.mlp(both.norm2(y)))
+    # same parameters as the plain ViT: a plain checkpoint's state dict fits
+    assert model.state_dict().keys() == timm.create_model("test_vit", img_size=32).state_dict().keys()
+    with pytest.raises(ValueError, match="there is no block 9"):
+        timm.create_model("vit_no_skip", base="test_vit", no_skip=["9:mlp"])
+    with pytest.raises(ValueError, match="needs a timm VisionTransformer"):
+        timm.create_model("vit_no_skip", base="test_resnet", no_skip=["0:mlp"])
+
+
+def test_no_skip_run_is_rebuilt_from_its_checkpoint_and_named_by_the_residual_analysis(tmp_path, monkeypatch):
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    with pytest.warns(UserWarning, match="NoSkipBlock overrides its forward"):
+        summary = run(tmp_path, "--no-skip", "1:attn,2", "--reference", "none", "--no-images", "--threads", "3")
+    assert threads == [3]
+    assert summary["timm_name"] == "vit_no_skip"
+    assert summary["timm_kwargs"]["base"] == "test_vit"
+    assert summary["timm_kwargs"]["no_skip"] == ["1:attn", "2:attn", "2:mlp"]
+    rebuilt = load_reference(summary["checkpoint"])
+    flags = [(getattr(b, "skip_attn", None), getattr(b, "skip_mlp", None)) for b in rebuilt.blocks[:3]]
+    assert flags == [(None, None), (False, True), (False, False)]
+    with np.load(Path(summary["log_dir"]) / "cka" / "step_0000004.npz") as arrays:
+        assert list(arrays["residual_blocks"]) == ["blocks.0", "blocks.3", "blocks.4", "blocks.5"]
+        assert np.isfinite(arrays["intra"]).all()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--no-skip", "3:skip"], "argument --no-skip: expected BLOCK, BLOCK:attn or BLOCK:mlp"),
+        (["--no-skip", "6"], "--no-skip 6:attn,6:mlp: there is no block 6: vit_tiny_patch16_224 has blocks 0 to 5"),
+        (["--model", "resnet18_cifar", "--no-skip", "1"], "vit_no_skip needs a timm VisionTransformer"),
+        (["--cutmix", "-1"], "argument --cutmix: must be 0 or positive, got -1"),
+        (["--label-smoothing", "1"], "--label-smoothing must be in [0, 1), got 1.0"),
+    ],
+)
+def test_bad_new_flags_name_the_problem(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(flags)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err, err
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--cutmix"], (0.0, 1.0, 0.0)),
+        (["--mixup"], (0.8, 0.0, 0.0)),
+        (["--cutmix", "0.5", "--mixup", "0.2", "--label-smoothing", "0.1"], (0.2, 0.5, 0.1)),
+        ([], (0.0, 0.0, 0.0)),
+    ],
+)
+def test_mixing_flags_have_the_usual_strengths(flags, expected):
+    args = train.build_parser().parse_args(flags)
+    assert (args.mixup, args.cutmix, args.label_smoothing) == expected
+
+
+def test_mix_makes_soft_targets_and_leaves_the_odd_image_out():
+    torch.manual_seed(0)
+    module = classifier.ImageClassifier("test_vit", {"img_size": 32, "num_classes": 10}, cutmix_alpha=1.0)
+    images, labels = torch.randn(5, 3, 32, 32), torch.tensor([0, 1, 2, 3, 4])
+    module.mixup.mix_prob = 1.0
+    mixed, targets = module.mix(images.clone(), labels)
+    assert targets.shape == (5, 10) and torch.allclose(targets.sum(1), torch.ones(5))
+    torch.testing.assert_close(mixed[4], images[4])  # the odd one out, unmixed, with its hard label
+    assert targets[4].tolist() == [1.0 if i == 4 else 0.0 for i in range(10)]
+    pairs = [(0, 3), (1, 2)]  # timm pairs image i with image n - 1 - i of the even part
+    for i, j in pairs:
+        assert set(targets[i].nonzero().flatten().tolist()) <= {labels[i].item(), labels[j].item()}
+    smooth = classifier.ImageClassifier("test_vit", {"img_size": 32, "num_classes": 10}, label_smoothing=0.1)
+    assert smooth.mixup is None and module.hparams.cutmix_alpha == 1.0
+
+
+def test_cutmix_and_mixup_train_and_validate_on_hard_labels(tmp_path, monkeypatch):
+    seen = []
+    real = classifier.ImageClassifier.mix
+
+    def counted(self, images, labels):
+        seen.append(len(images))
+        return real(self, images, labels)
+
+    monkeypatch.setattr(classifier.ImageClassifier, "mix", counted)
+    # 31 images in batches of 16: every second training batch has 15, an odd batch
+    flags = [*TINY, "--train-size", "31", "--cka-every", "0", "--out", str(tmp_path)]
+    summary = train.main([*flags, "--cutmix", "--mixup", "--label-smoothing", "0.1"])
+    assert (summary["cutmix"], summary["mixup"], summary["label_smoothing"]) == (1.0, 0.8, 0.1)
+    assert seen == [16, 15, 16, 15]  # training batches only: validation and test take the hard labels
+    hparams = torch.load(summary["checkpoint"], weights_only=True)["hyper_parameters"]
+    assert (hparams["cutmix_alpha"], hparams["mixup_alpha"], hparams["label_smoothing"]) == (1.0, 0.8, 0.1)
+    assert 0 <= summary["test_accuracy"] <= 1
+
+
+def test_efficientnet_cifar_presets_keep_a_2x2_last_stage_and_rebuild(tmp_path):
+    assert classifier.timm_spec("tinynet_e_cifar", 10) == (
+        "efficientnet_cifar",
+        {"base": "tinynet_e", "num_classes": 10},
+    )
+    with torch.device("meta"):
+        plain = timm.create_model("efficientnet_b0", num_classes=10)
+        cifar = timm.create_model("efficientnet_cifar", base="efficientnet_b0", num_classes=10)
+    assert plain.conv_stem.stride == (2, 2) and cifar.conv_stem.stride == (1, 1)
+    args = ["--model", "tinynet_e_cifar", "--batch-size", "16", "--max-steps", "2", "--val-every", "2"]
+    args += ["--cka-every", "2", "--probe-size", "16", "--cka-batch-size", "8", "--train-size", "32"]
+    summary = train.main([*args, "--reference", "none", "--no-images", "--out", str(tmp_path)])
+    rebuilt = load_reference(summary["checkpoint"])
+    assert rebuilt.conv_stem.stride == (1, 1)
+    assert rebuilt.forward_features(torch.zeros(1, 3, 32, 32)).shape[-2:] == (2, 2)
+    with np.load(Path(summary["log_dir"]) / "cka" / "step_0000002.npz") as arrays:
+        assert arrays["layers"][0] == "blocks.0.0" and np.isfinite(arrays["intra"]).all()
+    with pytest.raises(ValueError, match="needs a timm EfficientNet with a 3 x 3 conv_stem"):
+        timm.create_model("efficientnet_cifar", base="test_resnet")
+
+
+@pytest.mark.parametrize(("pool", "prefix"), [("avg", 0), ("token", 1)])
+def test_global_pool_runs_with_and_without_the_class_token(tmp_path, pool, prefix):
+    summary = run(tmp_path, "--global-pool", pool, "--reference", "none", "--no-images")
+    assert summary["timm_kwargs"]["class_token"] is (pool == "token")
+    rebuilt = load_reference(summary["checkpoint"])
+    assert rebuilt.global_pool == pool and rebuilt.num_prefix_tokens == prefix
+    with np.load(Path(summary["log_dir"]) / "cka" / "step_0000004.npz") as arrays:
+        assert set(arrays["residual_prefix_tokens"].ravel().tolist()) == {prefix}
+        assert bool(np.isnan(arrays["residual_ratio_cls"]).all()) is (pool == "avg")  # the CLS token's skip ratios
+        assert np.isfinite(arrays["mean_attention_distance"]).all()
+
+
+def test_ablate_trains_both_sides_compares_and_refuses_to_overwrite(tmp_path, capsys):
+    ablate = importlib.import_module("ablate")
+    common = [*TINY, "--max-steps", "2", "--train-size", "32", "--reference", "none", "--no-images"]
+    args = ["--a", "--cutmix", "--b", "", "--labels", "CutMix", "plain", "--out", str(tmp_path / "ab"), *common]
+    figure = ablate.main(args)
+    assert figure == tmp_path / "ab" / "comparison.png" and figure.stat().st_size > 0
+    for name in ("CutMix", "plain"):
+        assert list((tmp_path / "ab" / name / "version_0" / "cka").glob("step_*.npz"))
+    manifest = json.loads((tmp_path / "ab" / "ablation.json").read_text())
+    assert [side["flags"] for side in manifest["sides"]] == [["--cutmix"], []]
+    assert manifest["sides"][0]["runs"][0]["cutmix"] == 1.0 and manifest["sides"][1]["runs"][0]["cutmix"] == 0.0
+    printed = capsys.readouterr().out
+    assert "run 1/2: CutMix (--cutmix), seed 0" in printed and "run 2/2: plain (no extra flags), seed 0" in printed
+    assert "CutMix: test accuracy" in printed and f"comparison: {figure}" in printed
+    with pytest.raises(SystemExit):
+        ablate.main(args)
+    assert "already holds CutMix, plain, comparison.png, ablation.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--a", "--seed 3", "--b", ""], "--seed in --a: set by this script"),
+        (["--a", "--cutmix", "--b", "--cutmix"], "--a and --b give the same flags"),
+        (["--a", "--cutmix", "--b", "", "--name", "x"], "--name in the common flags: set by this script"),
+        (["--a", "--no-skip 9", "--b", ""], "there is no block 9"),
+        (["--a", "'--cutmix", "--b", ""], "No closing quotation"),
+    ],
+)
+def test_ablate_refuses_bad_flags_before_training(args, message, capsys):
+    ablate = importlib.import_module("ablate")
+    with pytest.raises(SystemExit):
+        ablate.main(args)
+    assert message in capsys.readouterr().err
+
+
+def test_ablate_names_and_default_folder():
+    ablate = importlib.import_module("ablate")
+    assert ablate.slug("no skip, block 3") == "no_skip_block_3" and ablate.slug("--cutmix 1.0") == "cutmix_1.0"
+    assert ablate.split_side_values(["--a", "--cutmix", "--b", "", "--seeds", "2"]) == [
+        "--a=--cutmix",
+        "--b=",
+        "--seeds",
+        "2",
+    ]
+    args, rest = ablate.build_parser().parse_known_args(
+        ablate.split_side_values(["--a", "--cutmix", "--b", "--mixup 0.2"])
+    )
+    assert (args.a, args.b, rest) == ("--cutmix", "--mixup 0.2", [])

@@ -33,8 +33,8 @@ def add_command(commands: Any) -> None:
         required=True,
         type=Path,
         metavar="FILE_OR_DIR",
-        help="a figure file (.png, .pdf or .svg) with every comparison stacked, or a folder (any other name) with one "
-        "file per figure, named after its tag",
+        help="a figure file (.png, .pdf or .svg) with every comparison stacked, or a folder (a name without an "
+        "extension, or an existing folder) with one file per figure, named after its tag",
     )
     parser.add_argument(
         "--format", nargs="+", choices=FORMATS, default=["png"], help="file formats in a folder --out (default: png)"
@@ -96,8 +96,14 @@ def _write(figures: list, out: Path, formats: list[str]) -> list[Path]:
     from lightning_cka.cli.errors import CLIError
     from lightning_cka.figures.render import draw_figure, draw_figures
 
+    suffix = out.suffix.lower().lstrip(".")
+    if suffix and suffix not in FORMATS and not out.is_dir():
+        raise CLIError(
+            f"--out {out}: a figure file ends in .png, .pdf or .svg; a name without an extension is a folder for one "
+            "file per figure."
+        )
     try:
-        if out.suffix.lower().lstrip(".") in FORMATS and not out.is_dir():
+        if suffix in FORMATS and not out.is_dir():
             out.parent.mkdir(parents=True, exist_ok=True)
             draw_figures(figures).savefig(out, dpi=120)
             return [out]

@@ -283,9 +283,13 @@ def from_record(record: Mapping[str, Any]) -> Analysis:
     """
     try:
         cls = resolve_class(str(record.get("class", "")))
-        return cls(**dict(record.get("config") or {}))
-    except Exception as err:  # an unimportable module or options a newer version wrote: keep the fields
+    except Exception as err:  # an unimportable module: the fields the record declares are kept
         return UnresolvedAnalysis(record, f"{type(err).__name__}: {err}")
+    try:
+        return cls(**dict(record.get("config") or {}))
+    except Exception as err:  # options this version does not take: the class's fields are kept
+        declared = {**record, "fields": [field_to_json(f) for f in cls.fields]}
+        return UnresolvedAnalysis(declared, f"its stored options are refused here ({type(err).__name__}: {err})")
 
 
 def json_ready(name: str, value: Any) -> None:

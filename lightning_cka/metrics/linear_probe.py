@@ -3,13 +3,17 @@
 Sufficient statistics of the fit half and the scored half's features (see :mod:`lightning_cka.analyses.linear_probe`).
 """
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_cka.functional.ridge import RidgeFit, fit_ridge, score
 from lightning_cka.metrics.sums import TensorMaxima, TensorSums
-from lightning_cka.taps.linear_probe import ProbeFeatures
+
+if TYPE_CHECKING:
+    from lightning_cka.taps.linear_probe import ProbeFeatures
 
 LABEL_FIX = (
     "pass labels with the probe data ((image, label) batches, or label_key for dict batches; CKAMonitor takes them "
@@ -37,7 +41,7 @@ class LinearProbeStates:
         self._kept: dict[tuple[int, int], list[Tensor]] = {}  # (layer, kind) -> scored-half features per minibatch
         self._kept_labels: list[Tensor] = []
 
-    def update(self, value: ProbeFeatures, labels: Tensor | None, start: int, size: int, index: int) -> None:
+    def update(self, value: "ProbeFeatures", labels: Tensor | None, start: int, size: int, index: int) -> None:
         """Add one minibatch: its features, its labels and where it starts in the probe (which images are fitted)."""
         device = value.gap[0].device
         labels = self._labels(labels, size, index, device)

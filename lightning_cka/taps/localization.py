@@ -8,7 +8,7 @@ the chosen layer's grid.
 import difflib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch.nn.functional as F
@@ -16,10 +16,12 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_cka.engine.models import ProbedModel
 from lightning_cka.functional.grams import position_grams
 from lightning_cka.taps.base import Tap, first_tensor, owners
 from lightning_cka.taps.grams import TokenLayout, token_layout
+
+if TYPE_CHECKING:
+    from lightning_cka.engine.models import ProbedModel
 
 MAX_POSITIONS = 1024  # (P, P) states and P Grams per side: beyond a 32 x 32 grid the probe would cost too much
 
@@ -46,7 +48,7 @@ class LocalizationSite:
     grid: tuple[int, int] | None
 
 
-def resolve_layer(model: ProbedModel, name: str | None) -> str:
+def resolve_layer(model: "ProbedModel", name: str | None) -> str:
     """The module name of the layer ``name``: a monitored layer's name or display name, or any module's name.
 
     ``None`` means the last monitored layer that holds patch tokens (CaiT's class-attention blocks hold none); a name
@@ -71,7 +73,7 @@ def resolve_layer(model: ProbedModel, name: str | None) -> str:
     raise ValueError(f"Localization(layer={name!r}) could mean any of {', '.join(matches)}: give the full name.")
 
 
-def localization_site(model: ProbedModel, layer: str) -> LocalizationSite:
+def localization_site(model: "ProbedModel", layer: str) -> LocalizationSite:
     """The chosen layer and its input side.
 
     The input side is the patch embedding of the innermost network holding the layer (timm's ``patch_embed``,

@@ -26,17 +26,19 @@ else).
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_cka.engine.models import ProbedModel
 from lightning_cka.functional.norms import channel_norms
 from lightning_cka.taps.base import Tap, first_tensor, owners
 from lightning_cka.taps.layers import family_layers
+
+if TYPE_CHECKING:
+    from lightning_cka.engine.models import ProbedModel
 
 Side = Literal["in", "out"]
 NO_SKIP = "no skip connection (has_skip is False), not a residual block"
@@ -171,12 +173,12 @@ def locate_branches(name: str, module: nn.Module) -> tuple[tuple[Branch, ...], b
     return f"{type(module).__name__} is not a residual block whose branches are known"
 
 
-def auto_blocks(model: ProbedModel) -> set[str]:
+def auto_blocks(model: "ProbedModel") -> set[str]:
     """The residual blocks ``layers="auto"`` recognizes in the model by its family (none for the fallback layers)."""
     return set(family_layers(model.module))
 
 
-def residual_sites(model: ProbedModel) -> tuple[list[ResidualSite], dict[str, str]]:
+def residual_sites(model: "ProbedModel") -> tuple[list[ResidualSite], dict[str, str]]:
     """The residual blocks among ``model``'s monitored layers, and why each other layer was left out (by name)."""
     sites, skipped = [], {}
     for name, layout in zip(model.layers, model.layouts, strict=True):
@@ -194,7 +196,7 @@ def residual_sites(model: ProbedModel) -> tuple[list[ResidualSite], dict[str, st
     return sites, skipped
 
 
-def token_capacity(model: ProbedModel, sites: list[ResidualSite]) -> int:
+def token_capacity(model: "ProbedModel", sites: list[ResidualSite]) -> int:
     """The most tokens any site's tensors have at the model's construction size (the states' first token axis).
 
     Conv maps are averaged to one token. Token models take ``prefix + grid`` from the innermost owner with a
