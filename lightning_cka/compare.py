@@ -9,7 +9,7 @@ from torch import nn
 
 from lightning_cka.analyses import resolve_analyses
 from lightning_cka.engine import options
-from lightning_cka.engine.analysis import Analysis
+from lightning_cka.engine.analysis import Analysis, describe_error
 from lightning_cka.engine.engine import ProbeBatch, ProbeEngine
 from lightning_cka.engine.models import ProbedModel
 from lightning_cka.probe_data.batches import MIN_BATCH, iterate_batches
@@ -95,9 +95,9 @@ def compare_models(
     engine.run(batches, max(count, 1), models[0].device)
     if hasher.count == 0:
         raise ValueError("data yielded no minibatch of at least 4 examples.")
-    failed = {name: repr(err) for name, err in engine.failures.items()}
+    failed = {name: describe_error(err) for name, err in engine.failures.items()}
     fields = engine.compute(skip=list(failed))
-    failed |= {name: repr(err) for name, err in engine.finalize_failures.items()}
+    failed |= {name: describe_error(err) for name, err in engine.finalize_failures.items()}
     for name, error in failed.items():
         warnings.warn(
             f"compare_models: the {name} analysis failed ({error}) and is left out.", UserWarning, stacklevel=2

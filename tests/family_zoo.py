@@ -1,5 +1,5 @@
-"""Every model family the package is tried on, built without weights at small sizes (used by tests/test_families.py
-and docs/make_families_doc.py, so that the families page says what the test found).
+"""Every model family the package is tried on, built without weights at small sizes (used by
+tests/test_families_zoo.py and docs/make_models_doc.py, so that docs/models.md says what the test found).
 
 Each family gives its constructor, its input size, and the analyses that run on it when every analysis is asked for
 (``default``, ``localization``, ``linear_probe``) next to a small ResNet reference; the others are left out with their
@@ -8,6 +8,7 @@ reason, which the test reads from the probe file and the page prints.
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import timm
 import torch
@@ -141,3 +142,78 @@ FAMILIES = [
     Family("a plain nn.Module", "torch", PlainConvNet, 32, BASE),
     Family("an nn.Sequential", "torch", _sequential, 32, BASE),
 ]
+
+
+ASKED = ("default", "localization", "linear_probe")
+
+
+def fit(family: Family, root: Any) -> tuple:
+    """Train ``family`` one step with the monitor and every analysis asked for; ``(trainer, lit, warning texts)``."""
+    import warnings
+
+    import pytorch_lightning as pl
+    from pytorch_lightning.loggers import TensorBoardLogger
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_cka import CKAMonitor
+
+    class Lit(pl.LightningModule):
+        def __init__(self, model: nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.model(x)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            images, labels = batch
+            return nn.functional.cross_entropy(self(images), labels)
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            pass
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=1e-2)
+
+    pl.seed_everything(0)
+    images = torch.randn(32, 3, family.size, family.size, generator=torch.Generator().manual_seed(0))
+    data = DataLoader(TensorDataset(images, torch.arange(32) % 4), batch_size=8)
+    monitor = CKAMonitor(
+        every_n_train_steps=1,
+        probe_size=16,
+        batch_size=8,
+        log_images=False,
+        reference=timm.create_model("test_resnet", num_classes=4),
+        analyses=list(ASKED),
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=TensorBoardLogger(root, name="run"),
+        callbacks=[monitor],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        precision="64-true",  # float64 Grams: checks against float64 hooks are then exact to rounding
+    )
+    lit = Lit(family.build())
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.fit(lit, data, data)
+    return trainer, lit, [str(w.message) for w in record]
+
+
+def models_table(outcomes: dict[str, tuple[list[str], dict[str, str]]]) -> str:
+    """The Markdown table of docs/models.md from each family's analyses that ran and those left out with the reason."""
+    rows = ["| library | family | input | runs | left out, and why |", "| --- | --- | --- | --- | --- |"]
+    for family in FAMILIES:
+        ran, left_out = outcomes[f"{family.library}-{family.name}"]
+        why = "; ".join(f"`{name}`: {_short(reason)}" for name, reason in sorted(left_out.items()))
+        runs = ", ".join(f"`{name}`" for name in ran)
+        rows.append(f"| {family.library} | {family.name} | {family.size} px | {runs} | {why or '-'} |")
+    return "\n".join(rows)
+
+
+def _short(reason: str) -> str:
+    text = reason.replace("|", "/").split(". Choose")[0].split("; it knows the blocks")[0]
+    return text if len(text) <= 160 else text[:157] + "..."

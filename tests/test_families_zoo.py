@@ -5,74 +5,20 @@ One fit per family (a module-scoped fixture), a step each, probing at steps 0 an
 """
 
 import copy
-import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
-import pytorch_lightning as pl
 import reference as ref
-import timm
 import torch
-from family_zoo import FAMILIES, Family
-from pytorch_lightning.loggers import TensorBoardLogger
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from family_zoo import FAMILIES, fit, models_table
 
-from lightning_cka import CKAMonitor, CKAResult, find_layers
+from lightning_cka import CKAResult, find_layers
 from lightning_cka.probe_data.sample import load_probe
 from lightning_cka.taps.grams import token_layout
 from lightning_cka.taps.layers import named_modules
 
-ASKED = ("default", "localization", "linear_probe")
 IDS = [f"{family.library}-{family.name}" for family in FAMILIES]
-
-
-class Classifier(pl.LightningModule):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model(x)
-
-    def training_step(self, batch, batch_idx):
-        images, labels = batch
-        return nn.functional.cross_entropy(self(images), labels)
-
-    def validation_step(self, batch, batch_idx):
-        pass
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=1e-2)
-
-
-def fit(family: Family, root):
-    pl.seed_everything(0)
-    images = torch.randn(32, 3, family.size, family.size, generator=torch.Generator().manual_seed(0))
-    data = DataLoader(TensorDataset(images, torch.arange(32) % 4), batch_size=8)
-    monitor = CKAMonitor(
-        every_n_train_steps=1,
-        probe_size=16,
-        batch_size=8,
-        log_images=False,
-        reference=timm.create_model("test_resnet", num_classes=4),
-        analyses=list(ASKED),
-    )
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=1,
-        logger=TensorBoardLogger(root, name="run"),
-        callbacks=[monitor],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        precision="64-true",  # float64 Grams: the check below against float64 hooks is then exact to rounding
-    )
-    lit = Classifier(family.build())
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        trainer.fit(lit, data, data)
-    return trainer, lit, [str(w.message) for w in record]
 
 
 @pytest.fixture(scope="module")
@@ -189,3 +135,12 @@ def test_token_layout_of_every_layer_is_where_the_planted_tokens_are(key, family
             assert layout.has_class_token == (found[:1] in (["cls_token"], ["class_token"])), (name, found, layout)
         elif not planted:
             assert (layout.num_prefix_tokens, layout.has_class_token) == (0, False), name
+
+
+def test_the_models_page_lists_what_this_test_found(fits):
+    outcomes = {}
+    for key, (trainer, _, _) in fits.items():
+        result = CKAResult.load(f"{trainer.log_dir}/cka/step_0000001.npz")
+        outcomes[key] = ([a.name for a in result.analyses], result.settings_dict()["left_out"])
+    page = (Path(__file__).parents[1] / "docs" / "models.md").read_text()
+    assert models_table(outcomes) in page, "docs/models.md is out of date: run python docs/make_models_doc.py"

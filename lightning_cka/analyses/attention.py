@@ -89,8 +89,9 @@ class AttentionStats(Analysis):
         sites = {role: attention_sites(model.modules) for role, model in self._models.items()}
         sites = {role: found for role, found in sites.items() if found}
         if not sites:
-            names = " nor ".join(model.label or type(model.module).__name__ for model in self._models.values())
-            return f"{names} has no timm Attention module under a patch_embed with a patch grid (a timm ViT)"
+            names = [model.label or type(model.module).__name__ for model in self._models.values()]
+            who = f"{names[0]} has no" if len(names) == 1 else "neither the model nor the reference has a"
+            return f"{who} timm Attention module under a patch grid (that of a timm ViT)"
         self._taps = {role: AttentionStatsTap(found, self.renormalize) for role, found in sites.items()}
         self._warned: set[str] = set()
         return True

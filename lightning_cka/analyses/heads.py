@@ -89,7 +89,7 @@ class HeadCKA(Analysis):
         if reference is None:
             return "it compares every attention head with the layers of a reference model, and there is none"
         if not sites:
-            return f"{model.label or type(model.module).__name__} has no timm Attention module with heads to compare"
+            return f"{model.label or type(model.module).__name__} has no timm Attention module under a patch grid"
         try:
             head_dims = [head_dim(model.modules, site) for site in sites]
         except ValueError as err:

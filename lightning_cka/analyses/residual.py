@@ -106,11 +106,13 @@ class ResidualRatio(Analysis):
                     f"cannot be located: {shown}."
                 )
         if "model" not in self._sites:
-            reasons = "; ".join(f"{n}: {why}" for n, why in list(self._skipped["model"].items())[:3]) or "no layers"
+            model = self._models["model"]
+            kinds = sorted({type(model.modules[name]).__name__ for name in self._skipped["model"]})
+            without_skip = any(why == NO_SKIP for why in self._skipped["model"].values())
             return (
-                "none of the monitored layers is a residual block whose branches lightning-cka can locate "
-                f"({reasons}); monitor the residual blocks (layers='auto' on a timm ViT, Swin, ResNet, ConvNeXt or "
-                "EfficientNet)"
+                f"no monitored layer is a residual block whose stream and branch it knows ({', '.join(kinds)}"
+                f"{'; blocks without a skip connection' if without_skip else ''}); it knows the blocks of timm's "
+                "ViT, Swin, ResNet, ConvNeXt and EfficientNet and torchvision's ResNet"
             )
         self._taps = {role: ResidualTap(sites) for role, sites in self._sites.items()}
         self._branch_names = {

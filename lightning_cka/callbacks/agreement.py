@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from lightning_cka.engine.analysis import describe_error as describe
+
 FORWARD = ""  # the key of a failed forward pass in an account
 
 
@@ -34,9 +36,9 @@ def agree(trainer: Any, forward_error: BaseException | None, failures: dict[str,
         forward_error: what the forward pass raised on this rank, or ``None``.
         failures: the analyses that failed on this rank, with their errors.
     """
-    local = {name: repr(err) for name, err in failures.items()}
+    local = {name: describe(err) for name, err in failures.items()}
     if forward_error is not None:
-        local[FORWARD] = repr(forward_error)
+        local[FORWARD] = describe(forward_error)
     world = int(getattr(trainer, "world_size", 1) or 1)
     if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
         gathered: list[dict[str, str] | None] = [None] * world

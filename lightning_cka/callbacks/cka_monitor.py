@@ -20,7 +20,7 @@ from lightning_cka.analyses import resolve_analyses
 from lightning_cka.callbacks.agreement import agree
 from lightning_cka.callbacks.writer import ProbeWriter
 from lightning_cka.engine import options as check
-from lightning_cka.engine.analysis import Analysis, View, json_ready
+from lightning_cka.engine.analysis import Analysis, View, describe_error, json_ready
 from lightning_cka.engine.engine import ProbeBatch, ProbeEngine
 from lightning_cka.engine.models import ProbedModel
 from lightning_cka.probe_data.batches import MIN_BATCH, extract_inputs, extract_labels, minibatch_slices
@@ -509,7 +509,7 @@ class CKAMonitor(*_CALLBACK_BASES):  # type: ignore[misc]
         except Exception as err:
             self._warn(f"CKAMonitor: the probe at step {step} could not be reduced ({err!r}); training continues.")
             return
-        failures = {name: repr(err) for name, err in self._engine.finalize_failures.items()}
+        failures = {name: describe_error(err) for name, err in self._engine.finalize_failures.items()}
         self._leave_out(failures, step, disable=False)
         self._last_probe_step, self._last_probe_batch = step, _batches_done(trainer)
         self._fit_probes += 1

@@ -292,6 +292,11 @@ def from_record(record: Mapping[str, Any]) -> Analysis:
         return UnresolvedAnalysis(declared, f"its stored options are refused here ({type(err).__name__}: {err})")
 
 
+def describe_error(error: BaseException) -> str:
+    """``RuntimeError: what went wrong``: an error as one readable line."""
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
 def json_ready(name: str, value: Any) -> None:
     """Raise ``ValueError`` unless ``value`` (the option ``name``) survives a round trip through JSON unchanged."""
     try:
