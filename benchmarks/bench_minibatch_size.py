@@ -54,6 +54,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from lightning_cka import compare_models
+    from lightning_cka.analyses import LayerCKA
     from lightning_cka.stats import jackknife_se, offdiag_mean
 
     local = RESULTS.parent / "results" / "local"
@@ -73,11 +74,7 @@ def main() -> None:
                 data=probe,
                 batch_size=size,
                 reduction="mean",
-                attention=False,
-                residual=False,
-                rank=False,
-                heads=False,
-                permutations=0,
+                analyses=[LayerCKA(permutations=0)],
             )
             seconds.append(time.perf_counter() - start)
             estimates.append(offdiag_mean(result.intra))

@@ -8,6 +8,7 @@ intra, cross and ResNet-vs-ResNet in one call, with the peers' work only (no nul
 per-minibatch jackknife terms come for free); what its other analyses cost is bench_floor.py's question.
 """
 
+import contextlib
 import copy
 import os
 import warnings
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from ckatorch import CKA as CkaTorch
 from common import (
+    CLOCKS,
     MIB,
     SETTINGS,
     build_models,
@@ -25,6 +27,7 @@ from common import (
     parse,
     parser,
     peak_memory,
+    primary_clock,
     print_table,
     random_images,
     save,
@@ -36,20 +39,22 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch_cka import CKA as TorchCka
 
 from lightning_cka import MinibatchCKA, compare_models, find_layers
+from lightning_cka.analyses import LayerCKA
 
-# What the peers compute: CKA matrices only.
-CKA_ONLY = {"attention": False, "heads": False, "residual": False, "rank": False, "permutations": 0}
+# What the peers compute: CKA matrices only (no null, no other analysis), built afresh for every call.
+CKA_ONLY = lambda: [LayerCKA(permutations=0)]  # noqa: E731
 
 # The peers' advice on their own usage; shuffle=False and one DataLoader are deliberate here.
 warnings.filterwarnings("ignore", message=".*(Dataloader for Model 2|setting 'shuffle=True').*")
 
 TARGET_SPEEDUP = 3.0  # lightning-cka at least this much faster than the faster peer (GPU setting)
-TOOLS = ("lightning-cka", "torch-cka", "ckatorch")
+TOOLS = ("lightning-cka", "torch-cka", "torch-cka (no_grad)", "ckatorch")
 NOTES = {
-    "lightning-cka": "minibatch CKA (Nguyen et al.): unbiased HSIC summed over all minibatches; one call gives "
-    "intra, cross, ResNet intra and attention distances",
+    "lightning-cka": "minibatch CKA (Nguyen et al.): unbiased HSIC summed over all minibatches, from centered Grams "
+    "summed in float64; one call gives intra, cross and ResNet intra",
     "torch-cka": "the same estimator, from uncentered float32 Grams, one pair at a time with host syncs, "
-    "without torch.no_grad",
+    "without torch.no_grad (as its README calls it: the outputs keep their autograd graphs)",
+    "torch-cka (no_grad)": "torch-cka called inside torch.no_grad(): the fair comparison of the computation",
     "ckatorch": "a different quantity for (B, T, D) outputs: per-image token x token Grams, and only the last "
     "minibatch counts (each minibatch overwrites the matrix); 4-D conv maps fail",
 }
@@ -63,7 +68,7 @@ def call(tool: str, matrix: str, vit: nn.Module, resnet: nn.Module, images: Tens
     device = images.device
     if tool == "lightning-cka":
         other = None if matrix == "intra" else resnet
-        return lambda: compare_models(vit, other, data=images, batch_size=batch_size, **CKA_ONLY)
+        return lambda: compare_models(vit, other, data=images, batch_size=batch_size, analyses=CKA_ONLY())
     if tool == "forward only":
 
         def forward() -> None:
@@ -77,10 +82,16 @@ def call(tool: str, matrix: str, vit: nn.Module, resnet: nn.Module, images: Tens
     second = first if matrix == "intra" else copy.deepcopy(resnet)
     first_layers, second_layers = find_layers(vit), find_layers(second)
     loader = DataLoader(TensorDataset(images), batch_size=batch_size, shuffle=False)
-    if tool == "torch-cka":
-        # As in torch-cka's README: build, compare(dataloader), export()["CKA"].
+    if tool.startswith("torch-cka"):
+        # As in torch-cka's README: build, compare(dataloader), export()["CKA"]; the fair variant under no_grad.
         cka = TorchCka(first, second, "vit", "other", first_layers, second_layers, device=str(device))
-        return lambda: (cka.compare(loader), cka.export()["CKA"].cpu().numpy())[1]
+
+        def compare() -> np.ndarray:
+            with torch.no_grad() if tool.endswith("(no_grad)") else contextlib.nullcontext():
+                cka.compare(loader)
+            return cka.export()["CKA"].cpu().numpy()
+
+        return compare
     # As in ckatorch's examples: build, then call with the dataloader.
     cka = CkaTorch(first, second, first_layers, second_layers, "vit", "other", device=device)
     return lambda: cka(loader, epochs=1).cpu().numpy()
@@ -98,7 +109,9 @@ def matrices(result: object, matrix: str) -> dict[str, np.ndarray]:
     """``{"intra": ..., "cross": ...}`` from a CKAResult, or ``{matrix: ...}`` from a peer's matrix."""
     if isinstance(result, np.ndarray):
         return {matrix: result}
-    return {"intra": result.intra, "cross": result.reference} if result.reference.size else {"intra": result.intra}
+    if result.reference is None or not np.size(result.reference):  # no reference: no cross matrix (None since 0.2)
+        return {"intra": result.intra}
+    return {"intra": result.intra, "cross": result.reference}
 
 
 def per_image_token_cka(vit: nn.Module, layers: list[str], batch: Tensor) -> np.ndarray:
@@ -168,7 +181,7 @@ def main() -> None:
             peaks[job] = f"failed: {type(err).__name__}"
 
     double = copy.deepcopy(vit).double(), copy.deepcopy(resnet).double()
-    reference = matrices(compare_models(*double, data=images.double(), batch_size=batch), "both")
+    reference = matrices(compare_models(*double, data=images.double(), batch_size=batch, analyses=CKA_ONLY()), "both")
     ours = results["lightning-cka", "both"]
     last_batch = images[(len(images) - 1) // batch * batch :]
     ckatorch_quantity = {"intra": per_image_token_cka(vit, find_layers(vit), last_batch)}
@@ -180,7 +193,8 @@ def main() -> None:
         if name in failures:
             rows.append({**row, "status": f"failed: {failures[name]}"})
             continue
-        row |= {"seconds": summary(times[name]), "peak_mib": peaks.get((tool, matrix)), "status": "ok"}
+        seconds = {c: summary(times[name][c]) for c in CLOCKS}
+        row |= {"seconds": seconds, "peak_mib": peaks.get((tool, matrix)), "status": "ok"}
         if (tool, matrix) in results:
             found = results[tool, matrix]
             row |= {"max_diff_vs_ours": max_diff(found, ours), "max_diff_vs_float64": max_diff(found, reference)}
@@ -189,10 +203,11 @@ def main() -> None:
         rows.append(row)
 
     # Speed: each peer against lightning-cka computing the same matrices in the same round.
-    ours_time = {"intra": times["lightning-cka intra"], "both": times["lightning-cka intra + cross"]}
+    clock = primary_clock(args.device)
+    ours_time = {"intra": times["lightning-cka intra"][clock], "both": times["lightning-cka intra + cross"][clock]}
     speedups = []
     for tool in TOOLS[1:]:
-        intra, cross = times[f"{tool} intra"], times[f"{tool} cross"]
+        intra, cross = times[f"{tool} intra"][clock], times[f"{tool} cross"][clock]
         if intra:
             speedups.append((f"{tool} intra", [p / o for p, o in zip(intra, ours_time["intra"], strict=True)]))
         if intra and cross:
@@ -206,7 +221,14 @@ def main() -> None:
         "met": None if closest is None else closest >= TARGET_SPEEDUP,
     }
     matrices_found = {names[job]: found for job, found in results.items()}
-    extra = {"setting": setting, "speedups": speed_rows, "target": target, "notes": NOTES, "matrices": matrices_found}
+    extra = {
+        "setting": setting,
+        "clock": clock,
+        "speedups": speed_rows,
+        "target": target,
+        "notes": NOTES,
+        "matrices": matrices_found,
+    }
     path = save("bench_peers", args, rows, **extra)
 
     title = (
@@ -216,8 +238,11 @@ def main() -> None:
     flat = [
         {
             **row,
-            "seconds": row["seconds"]["median"] if "seconds" in row else None,
-            "spread": f"{row['seconds']['min']:.2f}-{row['seconds']['max']:.2f}" if "seconds" in row else None,
+            "seconds": row["seconds"][clock]["median"] if "seconds" in row else None,
+            "spread": (
+                f"{row['seconds'][clock]['min']:.2f}-{row['seconds'][clock]['max']:.2f}" if "seconds" in row else None
+            ),
+            "wall": row["seconds"]["wall"]["median"] if "seconds" in row else None,
             "vs_token": row.get("max_diff_vs_per_image_token_cka"),
         }
         for row in rows
@@ -227,8 +252,9 @@ def main() -> None:
         flat,
         [
             ("workload", "workload", ""),
-            ("median s", "seconds", ".3f"),
-            ("min-max s", "spread", ""),
+            (f"median {clock} s", "seconds", ".3f"),
+            ("min-max", "spread", ""),
+            ("median wall s", "wall", ".3f"),
             ("peak MiB", "peak_mib", ".1f"),
             ("max |Δ| vs lightning-cka", "max_diff_vs_ours", ".2e"),
             ("max |Δ| vs float64", "max_diff_vs_float64", ".2e"),
@@ -237,7 +263,7 @@ def main() -> None:
         ],
     )
     print_table(
-        "Peer time / lightning-cka time for the same matrices, per round "
+        f"Peer time / lightning-cka time for the same matrices, {clock} time, per round "
         f"(target on the GPU setting: >= {TARGET_SPEEDUP:g})",
         [{"peer": r["peer"], **r["slower_than_lightning_cka"]} for r in speed_rows],
         [("peer", "peer", ""), ("median", "median", ".2f"), ("min", "min", ".2f"), ("max", "max", ".2f")],

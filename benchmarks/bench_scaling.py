@@ -15,6 +15,7 @@ from common import (
     describe,
     parse,
     parser,
+    primary_clock,
     print_table,
     release_memory,
     save,
@@ -96,7 +97,7 @@ def main() -> None:
                 if fn in failures:
                     rows.append({**row, "function": fn, "status": f"failed: {failures[fn]}"})
                     continue
-                seconds = summary(times[fn])
+                seconds = summary(times[fn][primary_clock(args.device)])
                 rate = flops(layers, n) / seconds["median"]
                 rows.append(
                     {

@@ -17,7 +17,7 @@ from pathlib import Path
 from common import RESULTS, print_table
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("floor", "peers", "memory", "scaling", "overhead")
+BENCHMARKS = ("floor", "peers", "memory", "scaling", "null", "rank", "overhead")
 
 
 def targets(results: Path) -> list[dict]:
@@ -34,7 +34,7 @@ def targets(results: Path) -> list[dict]:
                 {
                     "benchmark": "floor",
                     "target": f"{row['workload']} <= {row['target']}x forward only",
-                    "measured": f"{row['ratio']['median']:.3f}x",
+                    "measured": f"{row['ratio'][floor['clock']]['median']:.3f}x ({floor['clock']} time)",
                     "met": row["met"],
                 }
             )

@@ -17,7 +17,9 @@ def add_command(commands: Any) -> None:
         "plot",
         help=help_,
         description=f"{sentence(help_)}: the pictures the monitor logs to TensorBoard (the same figures), at print "
-        "quality, one file per figure named after its tag (cka/intra -> cka_intra.pdf).",
+        "quality, one file per figure named after its tag (cka/intra -> cka_intra.pdf), and, when the run has a "
+        "reference, figure_1: the paper's Figure 1 layout (the model's CKA heatmap, the reference's beside it, and the "
+        "two crossed) at any step.",
     )
     parser.add_argument("run", metavar="RUN", help=RUN_HELP)
     parser.add_argument("--step", type=step, default="last", help="the probe's global step (default: the last)")
@@ -34,27 +36,32 @@ def add_command(commands: Any) -> None:
 
 def _main(args: argparse.Namespace) -> None:
     from lightning_cka.cli.errors import CLIError
-    from lightning_cka.cli.runs import read_run
+    from lightning_cka.cli.runs import check_unread, read_run
     from lightning_cka.engine.analysis import View
+    from lightning_cka.figures.figure_one import TAGS, draw_figure_one, figure_one_specs
     from lightning_cka.figures.render import draw_figure
 
     if not MIN_DPI <= args.dpi <= MAX_DPI:
         raise CLIError(f"--dpi must be between {MIN_DPI} and {MAX_DPI} (print quality is 300-600), got {args.dpi}.")
-    run = read_run(args.run)
+    run = read_run(args.run, lazy=True)  # reads only the probe drawn and the one before it
     result = run.probe(args.step)
-    earlier = [s for s in run.steps if s < result.step]
-    previous = run.probes[earlier[-1]] if earlier and not run.single_file else None
-    figures = result.figures(previous, View(run=result.run or run.label, local_threshold=args.local_threshold))
+    earlier = [s for s in run.steps if s < result.step] if not run.single_file else []
+    previous = next((run.probes[s] for s in reversed(earlier) if s in run.probes), None)
+    check_unread(run)  # the other files: headers only, to report damaged ones
+    view = View(run=result.run or run.label, local_threshold=args.local_threshold)
+    figures = result.figures(previous, view)
     if not figures:
         raise CLIError(f"step {result.step} of {args.run} holds nothing to draw.")
+    drawings = [(figure.tag.replace("/", "_"), draw_figure(figure).fig) for figure in figures]
+    if len(figure_one_specs(result, view)) == len(TAGS):  # the paper's Figure 1 layout, one print-ready picture
+        drawings.append(("figure_1", draw_figure_one(result, view)))
     try:
         args.out.mkdir(parents=True, exist_ok=True)
         written = []
-        for figure in figures:
-            drawing = draw_figure(figure)
+        for stem, fig in drawings:
             for fmt in args.format:
-                path = args.out / f"{figure.tag.replace('/', '_')}.{fmt}"
-                drawing.fig.savefig(path, dpi=args.dpi)
+                path = args.out / f"{stem}.{fmt}"
+                fig.savefig(path, dpi=args.dpi)
                 written.append(path)
     except OSError as err:
         raise CLIError(f"cannot write to --out {args.out}: {err}") from err

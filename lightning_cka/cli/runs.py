@@ -1,6 +1,8 @@
 """Runs as the command line reads them: every probe file of one or more folders (a resumed run), ordered by step."""
 
+import re
 import sys
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,18 +48,59 @@ class Run:
         """The probe at ``step`` (``"last"``: the last one); a single file is its one probe whatever the step."""
         if self.single_file:
             return next(iter(self.probes.values()))
-        if step == "last":
-            return self.probes[self.steps[-1]]
+        if step == "last":  # the last readable one (a lazy run finds out only now which files it can read)
+            readable = next((s for s in reversed(self.steps) if s in self.probes), None)
+            if readable is None:
+                raise CLIError(f"{self.spec} holds no readable probe files: {'; '.join(self.skipped)}.")
+            return self.probes[readable]
         if step not in self.probes:
             raise CLIError(f"step {step} is not in {self.spec} (its steps: {few(self.steps)}).")
         return self.probes[step]
 
 
-def read_run(spec: str | Path) -> Run:
+_STEP_FILE = re.compile(r"step_(\d+)\.npz")  # CKAMonitor's step_<step:07d>.npz: the step is in the name
+
+
+class LazyProbes(Mapping[int, CKAResult]):
+    """Probes by step, each read from its file the first time it is asked for (``read_run(..., lazy=True)``).
+
+    A file that cannot be read is skipped with one warning on stderr, as :func:`read_run` skips it, and its step is
+    then missing.
+    """
+
+    def __init__(self, files: dict[int, Path], run: Run) -> None:
+        self.files, self._run, self._read = files, run, {}
+
+    def __getitem__(self, step: int) -> CKAResult:
+        if step not in self._read:
+            path = self.files[step]  # KeyError for a step no file holds
+            try:
+                self._read[step] = CKAResult.load(path)
+            except ValueError as err:
+                self._run.skipped.append(str(err))
+                print(f"lightning-cka: warning: skipped {err}", file=sys.stderr)
+                self._read[step] = None
+        if self._read[step] is None:
+            raise KeyError(step)
+        return self._read[step]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(sorted(self.files))
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+def read_run(spec: str | Path, lazy: bool = False) -> Run:
     """Load every probe of a run: one or more comma-joined folders (log directory or ``cka/`` folder), or a file.
 
     Files that cannot be read (cut short by a kill, empty) are skipped with one warning on stderr naming them; the
     others are read.
+
+    Args:
+        spec: the run.
+        lazy: read no probe yet: ``run.probes`` reads each one when it is first asked for, taking the steps from the
+            file names (``step_<step>.npz``; other files are read at once). For commands that draw one or two probes.
 
     Raises:
         CLIError: a missing path, no probe files (with the runs found below a parent folder), or nothing readable.
@@ -65,6 +108,8 @@ def read_run(spec: str | Path) -> Run:
     spec = str(spec)
     parts = [Path(p) for p in spec.split(",") if p] if not Path(spec).exists() else [Path(spec)]
     run = Run(spec=spec, folders=[], single_file=len(parts) == 1 and parts[0].is_file())
+    if lazy:
+        return _lazy_run(run, parts)
     for part in parts:
         files, folder = probe_files(part)
         run.folders.append(folder)
@@ -86,6 +131,48 @@ def read_run(spec: str | Path) -> Run:
             file=sys.stderr,
         )
     return run
+
+
+def _lazy_run(run: Run, parts: list[Path]) -> Run:
+    """``run`` with its probes by step from the file names, none read yet (what the others are named is read)."""
+    files: dict[int, Path] = {}
+    for part in parts:
+        found, folder = probe_files(part)
+        run.folders.append(folder)
+        for file in found:
+            named = _STEP_FILE.fullmatch(file.name)
+            if named and not run.single_file:
+                files[int(named.group(1))] = file
+                continue
+            try:  # analysis.npz and other names: the step is inside
+                files[CKAResult.load(file).step] = file
+            except ValueError as err:
+                run.skipped.append(str(err))
+    if not files:
+        raise CLIError(f"{run.spec} holds no readable probe files: {'; '.join(run.skipped)}.")
+    for skipped in run.skipped:
+        print(f"lightning-cka: warning: skipped {skipped}", file=sys.stderr)
+    run.probes = LazyProbes(files, run)  # type: ignore[assignment]
+    return run
+
+
+def check_unread(run: Run) -> None:
+    """Warn about the files of a lazily read run that were not read and could not be: their headers are checked.
+
+    A command that draws one probe reads only that file and the one before it in full; this still tells the user,
+    as reading every file would, which files of the run are damaged (at a fraction of the cost: no array is decoded).
+    """
+    probes = run.probes
+    if not isinstance(probes, LazyProbes):
+        return
+    for step, path in probes.files.items():
+        if step in probes._read:
+            continue
+        try:
+            CKAResult.check(path)
+        except ValueError as err:
+            run.skipped.append(str(err))
+            print(f"lightning-cka: warning: skipped {err}", file=sys.stderr)
 
 
 def probe_files(path: Path) -> tuple[list[Path], Path]:

@@ -50,7 +50,7 @@ def draw_figure(figure: Figure, container: Any = None) -> Drawing:
     redraw them (with the data) on a cached frame whose layout is fixed.
     """
     if container is None:
-        container = MplFigure(figsize=(WIDTH, _figure_height(figure)), layout="constrained", dpi=100)
+        container = MplFigure(figsize=(WIDTH, figure_height(figure)), layout="constrained", dpi=100)
     axes = list(container.subplots(len(figure.panels), 1, squeeze=False)[:, 0])
     dynamic: list[Artist] = []
     for ax, panel in zip(axes, figure.panels, strict=True):
@@ -106,18 +106,18 @@ def draw_figures(figures: Sequence[Figure]) -> MplFigure:
         raise ValueError("there is nothing to plot: the probe holds no field that a figure shows.")
     columns = min(2, len(figures))
     rows = -(-len(figures) // columns)
-    heights = [max(_figure_height(f) for f in figures[r * columns : (r + 1) * columns]) for r in range(rows)]
+    heights = [max(figure_height(f) for f in figures[r * columns : (r + 1) * columns]) for r in range(rows)]
     fig = MplFigure(figsize=(WIDTH * columns, sum(heights)), layout="constrained", dpi=100)
     subfigures = np.atleast_1d(fig.subfigures(rows, columns, height_ratios=heights)).reshape(-1)
     for i, (sub, figure) in enumerate(zip(subfigures, figures, strict=False)):
-        own, row = _figure_height(figure), heights[i // columns]
+        own, row = figure_height(figure), heights[i // columns]
         if own < row:  # a shorter figure keeps its own height at the top of the row instead of being stretched
             sub = sub.subfigures(2, 1, height_ratios=[own, row - own])[0]
         draw_figure(figure, sub)
     return fig
 
 
-def _figure_height(figure: Figure) -> float:
+def figure_height(figure: Figure) -> float:
     """Inches a figure needs at ``WIDTH``: its panels, the (wrapped) title and subtitle, and its caption lines."""
     caption = _wrap(figure.caption)
     title_lines = _wrap(figure.title, TITLE_WIDTH).count("\n")
@@ -149,50 +149,170 @@ class FrameCache:
     """Render figures as ``(H, W, 3)`` images, reusing each tag's static frame across probes.
 
     A fresh matplotlib figure costs a tenth of a second or more, almost all of it in axes, ticks and text that stay the
-    same from probe to probe. Each tag's figure is therefore drawn in full once; its frame without the changing artists
-    (data, subtitle, caption) is kept as pixels, and later probes with the same frame only draw their changing artists
-    on top of it. A figure whose frame differs (other layers, another colour scale or axis range) is drawn anew.
+    same from probe to probe. Each tag's figure is therefore drawn in full once; its frame without the changing parts
+    is kept as pixels, and later probes with the same frame only draw their changing parts on top of it: the data, the
+    subtitle and caption, and the scales that follow the data (the colour bar of a heatmap with its ticks; the value
+    axis of curves and dots with its ticks, grid, reference lines and legend; both axes of a scatter), which are cheap
+    to draw. A figure whose frame differs (other layers, titles or reference lines) is drawn anew, and so is one whose
+    scales would move the layout: their tick labels' extents (the widest, and how far the end ones reach beyond the
+    axis) are part of the key, so that a cached render lays out exactly as a fresh draw would.
+
+    Attributes:
+        hits: renders drawn on a cached frame.
+        misses: renders drawn in full.
     """
 
     def __init__(self) -> None:
-        self._frames: dict[str, tuple[tuple, Drawing, Any]] = {}
+        self._frames: dict[str, tuple[tuple, Drawing, Any, tuple]] = {}
+        self.hits = 0
+        self.misses = 0
 
     def render(self, figure: Figure) -> np.ndarray:
         """The image of ``figure``."""
         key = frame_key(figure)
         cached = self._frames.get(figure.tag)
-        if cached is None or cached[0] != key:
-            drawing = draw_figure(figure)
-            canvas = FigureCanvasAgg(drawing.fig)
-            canvas.draw()  # lays the figure out with every artist in place ...
-            drawing.fig.set_layout_engine("none")  # ... and keeps that layout for the frames drawn on it
-            image = np.asarray(canvas.buffer_rgba())[..., :3].copy()
-            for artist in drawing.dynamic:
-                artist.remove()
-            canvas.draw()
-            self._frames[figure.tag] = (key, drawing, canvas.copy_from_bbox(drawing.fig.bbox))
-            return image
-        _, drawing, background = cached
-        canvas = drawing.fig.canvas
-        canvas.restore_region(background)
-        fresh = [
-            a for ax, panel in zip(drawing.axes, figure.panels, strict=True) for a in _DATA[type(panel)](panel, ax)
-        ]
-        fresh += _texts(drawing, figure)
-        for artist in fresh:
-            artist.axes.draw_artist(artist)
-        # The spines sit above the data in a full draw, so they are drawn again over it.
-        for ax in drawing.axes:
-            for spine in ax.spines.values():
-                ax.draw_artist(spine)
+        if cached is not None and cached[0] == key and _scale_layout(cached[1], figure) == cached[3]:
+            self.hits += 1
+            return _draw_on_frame(cached[1], cached[2], figure)
+        self.misses += 1
+        drawing = draw_figure(figure)
+        canvas = FigureCanvasAgg(drawing.fig)
+        canvas.draw()  # lays the figure out with every artist in place ...
+        drawing.fig.set_layout_engine("none")  # ... and keeps that layout for the frames drawn on it
         image = np.asarray(canvas.buffer_rgba())[..., :3].copy()
-        for artist in fresh:
+        scales = _scale_layout(drawing, figure)
+        for artist in drawing.dynamic:
             artist.remove()
+        hidden = _scale_parts(drawing, figure)
+        for artist in hidden:
+            artist.set_visible(False)
+        canvas.draw()
+        background = canvas.copy_from_bbox(drawing.fig.bbox)
+        for artist in hidden:
+            artist.set_visible(True)
+        self._frames[figure.tag] = (key, drawing, background, scales)
         return image
 
 
+def _title_lines(title: str) -> int:
+    """What a panel title adds to the layout: its number of lines (its words are drawn on the frame)."""
+    return _wrap(title, TITLE_WIDTH).count("\n") + 1 if title else 0
+
+
+def _scale_parts(drawing: Drawing, figure: Figure) -> list[Artist]:
+    """What the frame leaves out because it follows the data: titles, colour bars, value axes (with their spines)."""
+    parts: list[Artist] = [ax.title for ax in drawing.axes]
+    for ax, panel in zip(drawing.axes, figure.panels, strict=True):
+        if isinstance(panel, Heatmap):
+            parts.append(ax._cka_colorbar.ax)
+        else:
+            parts += [ax.yaxis, *ax.spines.values()]
+            if isinstance(panel, Scatter):
+                parts.append(ax.xaxis)
+    return parts
+
+
+def _draw_on_frame(drawing: Drawing, background: Any, figure: Figure) -> np.ndarray:
+    """``figure`` drawn on its cached frame: the data, the texts and the scales (already set by _scale_layout)."""
+    canvas, fig = drawing.fig.canvas, drawing.fig
+    canvas.restore_region(background)
+    fresh: list[Artist] = []
+    for ax, panel in zip(drawing.axes, figure.panels, strict=True):
+        ax.set_title(_wrap(panel.title, TITLE_WIDTH), fontsize=FONT)
+        if not isinstance(panel, Heatmap):  # before the data, as a full draw adds them: equal z-orders keep that order
+            for artist in ax._cka_lines:
+                artist.remove()
+            _reference_lines(ax, panel)
+        artists = _DATA[type(panel)](panel, ax)
+        fresh += artists
+        if isinstance(panel, Heatmap):
+            for artist in artists:
+                ax.draw_artist(artist)
+            # The spines sit above the data in a full draw, so they are drawn again over it.
+            for spine in ax.spines.values():
+                ax.draw_artist(spine)
+            fig.draw_artist(ax._cka_colorbar.ax)
+        else:
+            # The whole axes in its z-order (background, grid, value axis, reference lines, data, legend, spines),
+            # without what the frame already holds: the category axis of curves and dots.
+            kept = [] if isinstance(panel, Scatter) else [ax.xaxis]
+            for artist in kept:
+                artist.set_visible(False)
+            fig.draw_artist(ax)
+            for artist in kept:
+                artist.set_visible(True)
+        ax.draw_artist(ax.title)
+    texts = _texts(drawing, figure)
+    for artist in texts:
+        artist.axes.draw_artist(artist)
+    image = np.asarray(canvas.buffer_rgba())[..., :3].copy()
+    for artist in fresh + texts:
+        artist.remove()
+    return image
+
+
+def _scale_layout(drawing: Drawing, figure: Figure) -> tuple:
+    """Set ``figure``'s scales on ``drawing`` and return what their tick labels add to the layout.
+
+    For every colour bar and value axis: the largest tick label (pixels), how far the end labels reach beyond the
+    axis, and the formatter's offset text (and a colour bar's label size). Two figures that agree on these (and on
+    :func:`frame_key`) lay out alike.
+    """
+    renderer = drawing.fig.canvas.get_renderer()
+    parts: list[tuple] = []
+    for ax, panel in zip(drawing.axes, figure.panels, strict=True):
+        if isinstance(panel, Heatmap):
+            bar = ax._cka_colorbar
+            bar.mappable.set_clim(panel.vmin, panel.vmax)
+            bar.set_label(panel.colorbar, fontsize=FONT)  # it may name the scale ("±0.05"): only its size is static
+            label = bar.long_axis.label
+            size = renderer.get_text_width_height_descent(label.get_text(), label.get_fontproperties(), ismath=False)
+            parts.append((_tick_extents(bar.long_axis, renderer), round(size[0]), round(size[1])))
+        elif isinstance(panel, Scatter):
+            xlim, ylim = _limits(panel)
+            ax.set_xlim(*xlim)
+            ax.set_ylim(*ylim)
+            parts += [_tick_extents(ax.xaxis, renderer), _tick_extents(ax.yaxis, renderer)]
+        else:
+            ax.set_ylim(*_limits(panel))
+            parts.append(_tick_extents(ax.yaxis, renderer))
+    return tuple(parts)
+
+
+def _tick_extents(axis: Any, renderer: Any) -> tuple:
+    """What an axis's tick labels add to the layout at its current limits, in whole pixels.
+
+    ``(widest, tallest, reach below or left of the axis, reach above or right of it, offset text)``, from the
+    locator, the formatter and the font metrics only (nothing is drawn).
+    """
+    low, high = sorted(axis.get_view_interval())
+    margin = 1e-9 * (high - low)
+    locations = [v for v in axis.get_majorticklocs() if low - margin <= v <= high + margin]
+    formatter = axis.get_major_formatter()
+    labels = formatter.format_ticks(locations) if locations else []
+    font = axis.get_ticklabels()[0].get_fontproperties() if axis.get_ticklabels() else None
+    vertical = axis.axis_name == "y"
+    box = axis.axes.bbox
+    transform = axis.axes.transData
+    widest = tallest = below = above = 0.0
+    for value, label in zip(locations, labels, strict=True):
+        if not label:
+            continue
+        width, height, _ = renderer.get_text_width_height_descent(label, font, ismath="$" in label)
+        widest, tallest = max(widest, width), max(tallest, height)
+        point = transform.transform((0, value) if vertical else (value, 0))
+        centre, extent = (point[1], height) if vertical else (point[0], width)
+        start, end = (box.y0, box.y1) if vertical else (box.x0, box.x1)
+        below = max(below, start - (centre - extent / 2))
+        above = max(above, centre + extent / 2 - end)
+    return round(widest), round(tallest), round(below), round(above), formatter.get_offset()
+
+
 def frame_key(figure: Figure) -> tuple:
-    """What a figure's static frame depends on: everything but the data, the subtitle and the caption's words."""
+    """What a figure's static frame depends on: all but the data, the scales, the subtitle and the caption's words.
+
+    The scales' effect on the layout is checked apart, by :func:`_scale_layout`.
+    """
     parts: list[Any] = [figure.tag, figure.title, len(figure.panels), _wrap(figure.caption).count("\n")]
     for panel in figure.panels:
         if isinstance(panel, Heatmap):
@@ -203,26 +323,20 @@ def frame_key(figure: Figure) -> tuple:
                     panel.cols,
                     panel.row_label,
                     panel.col_label,
-                    panel.title,
-                    panel.vmin,
-                    panel.vmax,
+                    _title_lines(panel.title),
                     panel.cmap,
-                    panel.colorbar,
                     _extend(panel),
                 )
             )
         else:
-            limits = _limits(panel)
             parts.append(
                 (
                     type(panel).__name__,
                     getattr(panel, "x", None),
                     panel.x_label,
                     panel.y_label,
-                    panel.title,
-                    panel.lines,
+                    _title_lines(panel.title),
                     tuple(s.label for s in panel.series),
-                    limits,
                 )
             )
     return tuple(parts)
@@ -243,6 +357,7 @@ def _heatmap(panel: Heatmap, ax: Any) -> list[Artist]:
     bar = ax.figure.colorbar(mappable, ax=ax, extend=_extend(panel))
     bar.set_label(panel.colorbar, fontsize=FONT)
     bar.ax.tick_params(labelsize=SMALL)
+    ax._cka_colorbar = bar  # FrameCache redraws it on a cached frame when the colour scale moves
     return _heatmap_data(panel, ax)
 
 
@@ -416,36 +531,46 @@ def _axes_labels(ax: Any, panel: Dots | Curves | Scatter) -> None:
     ax.grid(axis="y", color="0.9", linewidth=0.8, zorder=0)
 
 
-def _reference_lines(ax: Any, panel: Dots | Curves | Scatter) -> None:
+def _reference_lines(ax: Any, panel: Dots | Curves | Scatter) -> list[Artist]:
+    """The reference lines with their labels, inside the axes (kept out of the layout, so they never move it)."""
+    artists: list[Artist] = []
     for line in panel.lines:
         style = {"color": "0.35", "linestyle": LINE_STYLES[line.style], "linewidth": 1.1, "zorder": 1}
         if line.axis == "y":
-            ax.axhline(line.value, **style)
-            ax.annotate(
-                line.label,
-                (1.0, line.value),
-                xycoords=("axes fraction", "data"),
-                xytext=(-3, 2),
-                textcoords="offset points",
-                ha="right",
-                va="bottom",
-                fontsize=SMALL,
-                color="0.25",
+            artists.append(ax.axhline(line.value, **style))
+            artists.append(
+                ax.annotate(
+                    line.label,
+                    (1.0, line.value),
+                    xycoords=("axes fraction", "data"),
+                    xytext=(-3, 2),
+                    textcoords="offset points",
+                    ha="right",
+                    va="bottom",
+                    fontsize=SMALL,
+                    color="0.25",
+                )
             )
         else:
-            ax.axvline(line.value, **style)
-            ax.annotate(
-                line.label,
-                (line.value, 1.0),
-                xycoords=("data", "axes fraction"),
-                xytext=(3, -3),
-                textcoords="offset points",
-                ha="left",
-                va="top",
-                fontsize=SMALL,
-                color="0.25",
-                rotation=90,
+            artists.append(ax.axvline(line.value, **style))
+            artists.append(
+                ax.annotate(
+                    line.label,
+                    (line.value, 1.0),
+                    xycoords=("data", "axes fraction"),
+                    xytext=(3, -3),
+                    textcoords="offset points",
+                    ha="left",
+                    va="top",
+                    fontsize=SMALL,
+                    color="0.25",
+                    rotation=90,
+                )
             )
+    for artist in artists:
+        artist.set_in_layout(False)
+    ax._cka_lines = artists  # FrameCache draws them anew on a cached frame
+    return artists
 
 
 def _legend(ax: Any, panel: Dots | Curves | Scatter, marker: str = "o") -> None:

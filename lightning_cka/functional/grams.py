@@ -8,6 +8,8 @@ output to many ``(n, n)`` Grams without a copy per part.
 import torch
 from torch import Tensor
 
+from lightning_cka.functional.hsic import add_upper_gram_, mirror_upper_
+
 
 def head_grams(heads: Tensor) -> Tensor:
     """``(H, B, B)`` centered Grams of every head of ``(B, [T,] H, d)`` features.
@@ -30,7 +32,8 @@ def head_grams(heads: Tensor) -> Tensor:
         x = heads.to(dtype) - heads[:1].to(dtype)
         x = x - x.mean(dim=0)
         per_head = x.movedim(-2, 0).reshape(x.shape[-2], x.shape[0], -1)  # (H, B, [T·]d)
-        return torch.bmm(per_head, per_head.mT)
+        out = per_head.new_zeros((per_head.shape[0], per_head.shape[1], per_head.shape[1]))
+        return mirror_upper_(add_upper_gram_(out, per_head))  # the upper triangle only: fewer flops
 
 
 def position_grams(maps: Tensor) -> Tensor:
