@@ -1,11 +1,13 @@
-"""Every model family the package is tried on, built without weights at small sizes (used by
-tests/test_families_zoo.py and docs/make_models_doc.py, so that docs/models.md says what the test found).
+"""Every model family the package is tried on (timm, torchvision, Hugging Face transformers where it is installed),
+built without weights at small sizes (used by tests/test_families_zoo.py and docs/make_models_doc.py, so that
+docs/models.md says what the test found).
 
 Each family gives its constructor, its input size, and the analyses that run on it when every analysis is asked for
 (``default``, ``localization``, ``linear_probe``) next to a small ResNet reference; the others are left out with their
 reason, which the test reads from the probe file and the page prints.
 """
 
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +60,79 @@ def _tv_convnext() -> nn.Module:
     return ConvNeXt(
         block_setting=[CNBlockConfig(16, 32, 2), CNBlockConfig(32, 64, 2), CNBlockConfig(64, None, 2)], num_classes=4
     )
+
+
+def _hf(model: str, config: str, **kwargs: object) -> Callable[[], nn.Module]:
+    """A Hugging Face transformers model from a small random config (no weights, no download)."""
+
+    def build() -> nn.Module:
+        import transformers
+
+        return getattr(transformers, model)(getattr(transformers, config)(num_labels=4, **kwargs))
+
+    return build
+
+
+HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
+HF_VIT = {
+    "image_size": 32,
+    "patch_size": 4,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+}
+# Hugging Face families, tried where transformers is installed (the dev extra installs it, so CI tries them).
+HF_FAMILIES = [
+    Family("ViT", "Hugging Face", _hf("ViTForImageClassification", "ViTConfig", **HF_VIT), 32, ALL),
+    Family(
+        "DeiT, distilled", "Hugging Face", _hf("DeiTForImageClassificationWithTeacher", "DeiTConfig", **HF_VIT), 32, ALL
+    ),
+    Family(
+        "Dinov2 with registers",
+        "Hugging Face",
+        _hf("Dinov2WithRegistersForImageClassification", "Dinov2WithRegistersConfig", num_register_tokens=4, **HF_VIT),
+        32,
+        ALL,
+    ),
+    Family(
+        "Swin",
+        "Hugging Face",
+        _hf(
+            "SwinForImageClassification",
+            "SwinConfig",
+            image_size=32,
+            patch_size=4,
+            embed_dim=16,
+            depths=[2, 2],
+            num_heads=[2, 2],
+            window_size=4,
+        ),
+        32,
+        ALL,
+    ),
+    Family(
+        "ConvNext",
+        "Hugging Face",
+        _hf("ConvNextForImageClassification", "ConvNextConfig", hidden_sizes=[16, 32], depths=[1, 2], num_stages=2),
+        64,
+        CNN,
+    ),
+    Family(
+        "ResNet",
+        "Hugging Face",
+        _hf(
+            "ResNetForImageClassification",
+            "ResNetConfig",
+            embedding_size=16,
+            hidden_sizes=[16, 32],
+            depths=[1, 2],
+            layer_type="basic",
+        ),
+        64,
+        CNN,
+    ),
+]
 
 
 class PlainConvNet(nn.Module):
@@ -133,12 +208,13 @@ FAMILIES = [
             "VisionTransformer", image_size=32, patch_size=4, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64
         ),
         32,
-        ("cka", "localization", *BASE[1:]),
+        ALL,
     ),
     Family("ResNet-18", "torchvision", _torchvision("resnet18"), 64, CNN),
-    Family("Swin", "torchvision", _tv_swin, 32, ("cka", "localization", *BASE[1:])),
-    Family("EfficientNet-B0", "torchvision", _torchvision("efficientnet_b0"), 64, ("cka", "localization", *BASE[1:])),
-    Family("ConvNeXt", "torchvision", _tv_convnext, 64, ("cka", "localization", *BASE[1:])),
+    Family("Swin", "torchvision", _tv_swin, 32, ALL),
+    Family("EfficientNet-B0", "torchvision", _torchvision("efficientnet_b0"), 64, CNN),
+    Family("ConvNeXt", "torchvision", _tv_convnext, 64, CNN),
+    *(HF_FAMILIES if HAS_TRANSFORMERS else []),
     Family("a plain nn.Module", "torch", PlainConvNet, 32, BASE),
     Family("an nn.Sequential", "torch", _sequential, 32, BASE),
 ]
@@ -163,7 +239,8 @@ def fit(family: Family, root: Any) -> tuple:
             self.model = model
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.model(x)
+            out = self.model(x)
+            return getattr(out, "logits", out)  # Hugging Face models return a ModelOutput
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             images, labels = batch
@@ -215,5 +292,8 @@ def models_table(outcomes: dict[str, tuple[list[str], dict[str, str]]]) -> str:
 
 
 def _short(reason: str) -> str:
-    text = reason.replace("|", "/").split(". Choose")[0].split("; it knows the blocks")[0]
+    from lightning_cka.taps.attention_site import READABLE
+
+    # The page's introduction lists whose attention is read; the table leaves the list out of each row.
+    text = reason.replace(f" ({READABLE})", "").replace("|", "/").split(". Choose")[0].split("; it knows the blocks")[0]
     return text if len(text) <= 160 else text[:157] + "..."

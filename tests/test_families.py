@@ -95,7 +95,7 @@ def test_deit_mean_reduction_leaves_both_prefix_tokens_out():
 def test_cnn_families_probe_end_to_end_against_manual_hooks(name):
     model = timm.create_model(name, num_classes=4)
     names = find_layers(model)[:4]
-    inputs = torch.randn(16, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    inputs = torch.randn(32, 3, 64, 64, generator=torch.Generator().manual_seed(2))  # 4 minibatches: no warning
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no layer should be NaN or skipped
         result = compare_models(model, data=inputs, layers_a=names, batch_size=8, analyses=[*FAST[:1], *FAST[2:]])

@@ -74,7 +74,8 @@ def test_layer_cka_is_what_hooks_on_the_trained_model_give(fits, key, family):
     np.testing.assert_allclose(result.intra, ref.minibatch_cka(outputs, outputs), rtol=1e-8, atol=1e-9)
 
 
-TOKENS = ("cls_token", "dist_token", "reg_token", "class_token")
+# timm, torchvision and Hugging Face names of class, distillation and register tokens
+TOKENS = ("cls_token", "dist_token", "reg_token", "class_token", "distillation_token", "register_tokens")
 
 
 @pytest.mark.parametrize(("key", "family"), list(zip(IDS, FAMILIES, strict=True)), ids=IDS)

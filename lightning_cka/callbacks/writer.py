@@ -9,10 +9,14 @@ TensorBoard gets the monitor's scalars, images and dashboard summaries in an eve
 logger's directory (TensorBoard shows it as the same run). TensorBoard's event writer re-raises its first failed write
 forever; writing through the logger's own writer would break the user's logging, and the fit with it, after one
 failure. The monitor's event file is reopened after a failure. Other loggers get scalars through ``log_metrics`` and
-images through ``log_image`` where they have it.
+images through ``log_image`` where they have it (W&B); MLflow's logger has none, so its images go through its client
+(``logger.experiment.log_image(run_id, image, key=..., step=...)``), under the names of TensorBoard mapped to the
+characters MLflow accepts (:func:`mlflow_key`).
 """
 
 import contextlib
+import json
+import re
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -83,12 +87,11 @@ class ProbeWriter:
         self._others = [logger for logger in loggers if not _is_tensorboard(logger)]
         self._pending: list[tuple[CKAResult, Path]] = []
         self._frames = FrameCache()
+        self._mlflow_folders: set[str] = set()  # names that hold other names in MLflow (see _mlflow_names)
         self._executor: ThreadPoolExecutor | None = None
         self._jobs: list[Future] = []
         if log_images:
-            blind = [
-                type(logger).__name__ for logger in self._others if not callable(getattr(logger, "log_image", None))
-            ]
+            blind = [type(logger).__name__ for logger in self._others if _image_sink(logger) is None]
             if blind:
                 warn(f"CKAMonitor: {', '.join(blind)} cannot take images; its scalars are logged, its images skipped.")
 
@@ -144,12 +147,25 @@ class ProbeWriter:
         step = result.step
         for logger in self._others:
             try:
-                logger.log_metrics(scalars, step=step)
+                logger.log_metrics(self._mlflow_names(scalars) if _is_mlflow(logger) else scalars, step=step)
             except Exception as err:
                 self._warn(f"CKAMonitor could not log scalars to {type(logger).__name__} ({err!r}).")
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightning-cka-writer")
         self._jobs.append(self._executor.submit(self._publish, result, previous, scalars))
+
+    def _mlflow_names(self, scalars: dict[str, float]) -> dict[str, float]:
+        """The scalars under names MLflow takes: :func:`mlflow_key`, and ``/all`` after a name that is also a folder.
+
+        MLflow's file store keeps each metric in a file called by its name, so ``attention/local_fraction`` cannot
+        sit next to ``attention/local_fraction/blocks.0.attn`` (a folder of that name): a name that is the folder of
+        another name logged in this fit gets ``/all`` (``attention/local_fraction/all``), in every MLflow store alike.
+        """
+        names = {tag: mlflow_key(tag) for tag in scalars}
+        for name in names.values():
+            parts = name.split("/")
+            self._mlflow_folders.update("/".join(parts[:i]) for i in range(1, len(parts)))
+        return {f"{name}/all" if name in self._mlflow_folders else name: scalars[tag] for tag, name in names.items()}
 
     def _publish(self, result: CKAResult, previous: CKAResult | None, scalars: dict[str, float]) -> list[str]:
         start, failures, step = time.perf_counter(), [], result.step
@@ -165,17 +181,19 @@ class ProbeWriter:
                 images.append((figure, self._frames.render(figure)))
             except Exception as err:
                 failures.append(f"could not draw {figure.tag} of step {step} ({err!r})")
+        events = _events_text(result)
         for event_file in self._event_files:
             try:
-                event_file.write(lambda writer: self._tensorboard(writer, scalars, images, figures, step))
+                event_file.write(lambda writer: self._tensorboard(writer, scalars, images, figures, step, events))
             except Exception as err:
                 failures.append(f"could not write to TensorBoard in {event_file.log_dir} ({err!r}); later probes retry")
         for logger in self._others:
-            if not callable(getattr(logger, "log_image", None)):
+            sink = _image_sink(logger)
+            if sink is None:
                 continue
             for figure, image in images:
                 try:
-                    logger.log_image(key=self.tag_prefix + figure.tag, images=[image], step=step)
+                    sink(self.tag_prefix + figure.tag, image, step)
                 except Exception as err:
                     failures.append(f"could not log images to {type(logger).__name__} ({err!r})")
                     break
@@ -189,9 +207,12 @@ class ProbeWriter:
         images: list[tuple[Figure, np.ndarray]],
         figures: list[Figure],
         step: int,
+        events: str = "",
     ) -> None:
         for tag, value in scalars.items():
             writer.add_scalar(tag, value, global_step=step)
+        if events:
+            writer.add_text(f"{self.tag_prefix}events", events, global_step=step)
         for figure, image in images:
             writer.add_image(self.tag_prefix + figure.tag, image, global_step=step, dataformats="HWC")
         if figures:
@@ -235,5 +256,53 @@ def _is_tensorboard(logger: Any) -> bool:
     )
 
 
+def _is_mlflow(logger: Any) -> bool:
+    """Lightning's ``MLFlowLogger`` (either namespace)."""
+    return any(cls.__name__ == "MLFlowLogger" for cls in type(logger).__mro__)
+
+
+def _image_sink(logger: Any) -> Callable[[str, np.ndarray, int], None] | None:
+    """How ``logger`` takes an ``(H, W, 3)`` uint8 image under a tag at a step, or ``None`` when it takes none."""
+    if _is_mlflow(logger):
+        # MLFlowLogger has no log_image: its client (logger.experiment) writes images/<key>+step+<step>+... artifacts.
+        return lambda tag, image, step: logger.experiment.log_image(
+            logger.run_id, image, key=mlflow_key(tag), step=step
+        )
+    if callable(getattr(logger, "log_image", None)):  # WandbLogger: one image per call, stored as a wandb.Image
+        return lambda tag, image, step: logger.log_image(key=tag, images=[image], step=step)
+    return None
+
+
+_MLFLOW_REFUSED = re.compile(r"[^A-Za-z0-9_\-./ ]")
+
+
+def mlflow_key(tag: str) -> str:
+    """``tag`` as MLflow takes it for a metric or an image: the same name wherever MLflow allows it.
+
+    MLflow refuses names with other characters than letters, digits, ``_ - . /`` and spaces (image keys; metric names
+    also refuse ``:`` on Windows), names that are not a normalized relative path (``//``, a leading or trailing ``/``,
+    ``.`` or ``..`` segments) and names over 250 characters; Lightning's ``MLFlowLogger`` drops refused characters
+    with a warning, or raises. Each refused character becomes ``_``, repeated ``/`` one, and ``.`` / ``..`` segments
+    ``_``; a name longer than 250 characters is cut. Every tag of the built-in analyses (``cka/intra``,
+    ``attention/mean_distance/blocks.0``, ``residual/patch_ratio/layers.1.blocks.0``, ...) is kept as it is.
+
+    Example:
+        >>> mlflow_key("cka/reference_diag/model.layer1.0")
+        'cka/reference_diag/model.layer1.0'
+        >>> mlflow_key("probe:early//attention (mean)/")
+        'probe_early/attention _mean_'
+    """
+    key = re.sub(r"/+", "/", _MLFLOW_REFUSED.sub("_", tag)).strip("/")
+    key = "/".join("_" if part in (".", "..") else part for part in key.split("/"))
+    return key[:250] or "_"
+
+
 def _nbytes(result: CKAResult) -> int:
     return sum(value.nbytes for key in result if isinstance(value := result.get(key), np.ndarray))
+
+
+def _events_text(result: CKAResult) -> str:
+    """The probe's events as Markdown lines for TensorBoard's text tab (``""`` without any)."""
+    if not result.get("events"):
+        return ""
+    return "\n".join(f"- **{e['kind']}** ({e['analysis']}): {e['text']}" for e in json.loads(result.events))

@@ -9,7 +9,6 @@ fused kernel included, is untouched.
 """
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 import torch
 from timm.layers import Attention
@@ -17,8 +16,11 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_cka.functional.attention import _attention_distance_update, patch_distances
+from lightning_cka.functional.attention import attention_logits, attention_softmax, attention_sums, patch_distances
+from lightning_cka.taps.attention_site import AttentionSite
 from lightning_cka.taps.base import Tap
+
+__all__ = ["ATTENTION_SUMS", "AttentionSite", "AttentionStatsTap", "AttentionTap", "attention_sites"]
 
 
 def is_supported_attention(module: nn.Module) -> bool:
@@ -26,35 +28,15 @@ def is_supported_attention(module: nn.Module) -> bool:
     return isinstance(module, Attention) and type(module).forward is Attention.forward
 
 
-@dataclass(frozen=True)
-class AttentionSite:
-    """One attention module and where its patch tokens sit in the image.
-
-    Attributes:
-        name: module name.
-        num_heads: heads of the module.
-        num_prefix_tokens: leading non-patch tokens (CLS, distillation, registers).
-        grid: patch grid ``(gh, gw)`` at the model's construction size.
-        stride: distance in input pixels between neighbouring tokens ``(sh, sw)``: the patch size of a plain ViT, the
-            backbone stride times the patch size of a hybrid ViT (``patch_embed.feat_ratio()``).
-        embed: name of the patch embedding, whose output tells the actual grid of dynamic-size ViTs.
-    """
-
-    name: str
-    num_heads: int
-    num_prefix_tokens: int
-    grid: tuple[int, int]
-    stride: tuple[float, float]
-    embed: str
-
-    @property
-    def uniform_distance(self) -> float:
-        """Mean distance of a head that attends to every patch alike, in pixels: the scale of local and global."""
-        return float(patch_distances(self.grid, self.stride).mean())
-
-
 def attention_sites(modules: Mapping[str, nn.Module]) -> list[AttentionSite]:
-    """Every supported attention module of a model that sits under a ``patch_embed`` with a patch grid."""
+    """Every attention module of a model whose probabilities the monitor can read, under a patch grid, in order.
+
+    timm's ``Attention`` under a ``patch_embed`` with a patch grid (this module), and the attention of Hugging Face
+    ViT, DeiT, Dinov2 and Swin models and of torchvision's ViT and Swin
+    (:func:`lightning_cka.taps.attention_capture.other_sites`).
+    """
+    from lightning_cka.taps.attention_capture import other_sites
+
     sites = []
     for name, module in modules.items():
         if not is_supported_attention(module):
@@ -66,9 +48,12 @@ def attention_sites(modules: Mapping[str, nn.Module]) -> list[AttentionSite]:
             if geometry is not None:
                 grid, stride, prefix = geometry
                 embed = f"{owner_name}.patch_embed" if owner_name else "patch_embed"
-                sites.append(AttentionSite(name, module.num_heads, prefix, grid, stride, embed))
+                head_dim = int(getattr(module, "head_dim", 0) or 0)
+                proj = f"{name}.proj"
+                sites.append(AttentionSite(name, module.num_heads, prefix, grid, stride, embed, "timm", head_dim, proj))
                 break
-    return sites
+    found = {site.name: site for site in [*sites, *other_sites(modules)]}
+    return [found[name] for name in modules if name in found]  # module order, whoever found it
 
 
 def _geometry(owner: nn.Module) -> tuple[tuple[int, int], tuple[float, float], int] | None:
@@ -112,12 +97,26 @@ class AttentionTap(Tap):
         """Take ``(b, H, T, T)`` float32 probabilities of site ``layer`` and the ``(P, P)`` patch distances."""
         raise NotImplementedError
 
+    def consume_logits(self, layer: int, probs: Tensor, distances: Tensor, logits: Tensor) -> None:
+        """:meth:`consume`, given also the finite logits ``probs`` is the softmax of (no ``-inf`` mask).
+
+        A tap that can use the logits overrides this (they make the entropy cheaper:
+        :func:`lightning_cka.functional.attention.attention_sums`); by default they are dropped.
+        """
+        self.consume(layer, probs, distances)
+
     @override
     def hooks(self, modules: Mapping[str, nn.Module]) -> list[RemovableHandle]:
         handles = []
-        for embed in {site.embed for site in self.sites}:
+        timm_sites = [(layer, site) for layer, site in enumerate(self.sites) if site.kind == "timm"]
+        others = [(layer, site) for layer, site in enumerate(self.sites) if site.kind != "timm"]
+        if others:  # Hugging Face and torchvision attention: their own captures, the same consume()
+            from lightning_cka.taps.attention_capture import capture_hooks
+
+            handles += capture_hooks(self, others, modules)
+        for embed in {site.embed for _, site in timm_sites}:
             handles.append(self.on_output(modules[embed], self._grid_hook(embed)))
-        for layer, site in enumerate(self.sites):
+        for layer, site in timm_sites:
             module = modules[site.name]
             capture = _QKCapture(self, layer, site, float(module.scale))
             handles += [
@@ -204,11 +203,12 @@ class _QKCapture:
         chunk = max(1, batch * head_dim // tokens)
         with torch.autocast(q.device.type, enabled=False):
             for start in range(0, batch, chunk):
-                # Scaling the (T, T) scores costs less than scaling q when tokens are fewer than head dims.
-                scores = (q[start : start + chunk].float() @ k[start : start + chunk].float().mT).mul_(self.scale)
-                if self._bias is not None:
-                    scores = scores + self._bias
-                self.tap.consume(self.layer, scores.softmax(dim=-1), distances)  # (b, H, T, T)
+                # One product per head on the strided q and k (no copies), the scale inside it (attention_logits).
+                logits = attention_logits(q[start : start + chunk], k[start : start + chunk], self.scale)
+                if self._bias is not None:  # may hold -inf: the entropy then comes from the probabilities alone
+                    self.tap.consume(self.layer, attention_softmax(logits + self._bias), distances)
+                else:
+                    self.tap.consume_logits(self.layer, attention_softmax(logits), distances, logits)  # (b, H, T, T)
 
 
 ATTENTION_SUMS = ("distance", "entropy", "count")  # what AttentionStatsTap sums per (layer, head)
@@ -232,14 +232,19 @@ class AttentionStatsTap(AttentionTap):
 
     @override
     def consume(self, layer: int, probs: Tensor, distances: Tensor) -> None:
+        self._add(layer, probs, distances, None)
+
+    @override
+    def consume_logits(self, layer: int, probs: Tensor, distances: Tensor, logits: Tensor) -> None:
+        self._add(layer, probs, distances, logits)
+
+    def _add(self, layer: int, probs: Tensor, distances: Tensor, logits: Tensor | None) -> None:
         site = self.sites[layer]
         heads = probs.shape[1]
-        self._sums["distance"][layer, :heads] += _attention_distance_update(
-            probs, distances, site.num_prefix_tokens, self.renormalize
-        )
-        # Entropy (nats) of each query's attention over all keys, averaged over queries, summed over images.
-        entropy = torch.special.entr(probs).sum(dim=-1)  # (b, H, T): -p log p, one fused op
-        self._sums["entropy"][layer, :heads] += entropy.mean(dim=-1).sum(dim=0, dtype=torch.float64)
+        # Mean distance and entropy (nats, each query's attention over all keys) per head, summed over images.
+        distance, entropy = attention_sums(probs, distances, site.num_prefix_tokens, self.renormalize, logits)
+        self._sums["distance"][layer, :heads] += distance
+        self._sums["entropy"][layer, :heads] += entropy
         self._sums["count"][layer, :heads] += probs.shape[0]
 
     @override

@@ -132,13 +132,17 @@ def owners(modules: Mapping[str, nn.Module], name: str) -> list[nn.Module]:
 
 
 def first_tensor(output: object, name: str) -> Tensor:
-    """The output itself, or the first tensor of a tuple / list output (PiT stages return ``(tokens, cls)``)."""
+    """The output itself, or the first tensor of a tuple / list / mapping output.
+
+    PiT stages return ``(tokens, cls)``, Hugging Face Swin blocks ``(hidden_states, attention weights or None)``, and
+    Hugging Face encoders a ``ModelOutput`` (a mapping) whose first value is the hidden state.
+    """
     if isinstance(output, Tensor):
         return output
-    if isinstance(output, tuple | list):
-        for item in output:
-            if isinstance(item, Tensor):
-                return item
+    items = output.values() if isinstance(output, Mapping) else output if isinstance(output, tuple | list) else ()
+    for item in items:
+        if isinstance(item, Tensor):
+            return item
     raise TypeError(
         f"layer '{name}' returned {type(output).__name__}, not a tensor or a tuple holding one: monitor a module "
         "that returns a tensor."

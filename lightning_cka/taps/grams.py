@@ -47,8 +47,10 @@ def token_layout(modules: Mapping[str, nn.Module], name: str) -> TokenLayout:
 
     The innermost owner decides: CaiT and XCiT by where the layer sits (their ``blocks`` hold patch tokens only, the
     class token joins in ``blocks_token_only`` / ``cls_attn_blocks``); timm ViTs by ``num_prefix_tokens`` and
-    ``has_class_token``; PiT by ``cls_token`` and ``num_tokens``; torchvision's ViT by its ``class_token``.
-    ``channels_last`` comes from an owner with ``output_fmt == "NHWC"`` (timm Swin) or from torchvision's Swin.
+    ``has_class_token``; PiT by ``cls_token`` and ``num_tokens``; torchvision's ViT by its ``class_token``; Hugging
+    Face ViT, DeiT and Dinov2 by their ``embeddings`` (class, distillation and register tokens). ``channels_last``
+    comes from an owner with ``output_fmt == "NHWC"`` (timm Swin) or from torchvision's Swin; Hugging Face Swin blocks
+    return ``(n, H·W, C)`` tokens and its ConvNext and ResNet ``(n, C, H, W)`` maps.
     """
     parts = name.split(".") if name else []
     prefix, has_cls, channels_last, patches = None, None, False, True
@@ -73,11 +75,30 @@ def _owner_layout(owner: nn.Module, inner: str) -> tuple[int, bool] | None:
     if hasattr(owner, "num_prefix_tokens"):
         has_cls = getattr(owner, "has_class_token", getattr(owner, "cls_token", None) is not None)
         return int(owner.num_prefix_tokens), bool(has_cls)
+    hf = _hf_prefix_tokens(owner)
+    if hf is not None:
+        return (0, False) if inner.startswith("embeddings.patch_embeddings") else (hf, True)
     if isinstance(getattr(owner, "cls_token", None), Tensor):  # PiT
         return int(getattr(owner, "num_tokens", owner.cls_token.shape[1])), True
     if isinstance(getattr(owner, "class_token", None), Tensor):  # torchvision's VisionTransformer
         return 1, True
     return None
+
+
+def _hf_prefix_tokens(owner: nn.Module) -> int | None:
+    """The leading tokens of a Hugging Face ViT-style model (``None`` for any other module).
+
+    Its ``embeddings`` put the class token first, then DeiT's ``distillation_token``, then Dinov2's
+    ``register_tokens`` (``config.num_register_tokens`` of them), then the patches.
+    """
+    embeddings = getattr(owner, "embeddings", None)
+    if not type(owner).__module__.startswith("transformers.") or not isinstance(
+        getattr(embeddings, "cls_token", None), Tensor
+    ):
+        return None
+    registers = getattr(embeddings, "register_tokens", None)
+    distillation = isinstance(getattr(embeddings, "distillation_token", None), Tensor)
+    return 1 + int(distillation) + (int(registers.shape[1]) if isinstance(registers, Tensor) else 0)
 
 
 def _torchvision_swin(owner: nn.Module, inner: str) -> bool:

@@ -27,6 +27,10 @@ def find_layers(model: nn.Module, spec: LayerSpec = "auto") -> list[str]:
     ``.blocks`` models                        class-token blocks after them)   ``blocks_token_only.j``
     ResNet style (timm and torchvision)       ``layer1``, ``layer2``, ...      ``layer1.0`` ... ``layer4.2``
     torchvision ViT, encoder models           ``encoder.layers``               ``encoder.layers.i``
+    Hugging Face ViT, DeiT, Dinov2            the encoder's blocks             ``layers.i`` (transformers 5)
+                                                                               or ``encoder.layer.i``
+    Hugging Face Swin                         ``encoder.layers`` of stages     ``encoder.layers.i.blocks.j``
+    Hugging Face ConvNext, ResNet             ``stages`` holding ``layers``    ``encoder.stages.i.layers.j``
     torchvision ConvNeXt, Swin, EfficientNet  2+ stages, each holding blocks   the blocks of every stage
     and RegNet, timm RegNet                   of one class (the patch          (``features.1.0``, ...,
                                               embedding, downsampling          ``s1.b1``, ...)
@@ -133,6 +137,10 @@ def family_layers(model: nn.Module) -> list[str]:
 
 
 def _family_layers(module: nn.Module) -> list[str]:
+    # Hugging Face models: their encoder's blocks (the names differ between transformers 4 and 5).
+    hf = _hf_layers(module)
+    if hf:
+        return hf
     # Stage models: a container of stages that each hold ``blocks`` (ConvNeXt and Swin ``stages`` / ``layers``, PiT
     # ``transformers``); the patch embedding is left alone (a hybrid ViT's CNN backbone has stages too).
     for stages_attr, stages in module.named_children():
@@ -160,9 +168,41 @@ def _family_layers(module: nn.Module) -> list[str]:
     if resnet_stages:
         return [f"layer{i + 1}.{j}" for i, stage in enumerate(resnet_stages) for j in _child_names(stage)]
     encoder_layers = getattr(getattr(module, "encoder", None), "layers", None)
+    if _is_container(encoder_layers) and all(_is_container(getattr(s, "blocks", None)) for s in encoder_layers):
+        return [  # stages of blocks in an encoder (Hugging Face Swin)
+            f"encoder.layers.{i}.blocks.{j}"
+            for i, stage in encoder_layers.named_children()
+            for j in _child_names(stage.blocks)
+        ]
     if _is_container(encoder_layers):  # torchvision's VisionTransformer
         return [f"encoder.layers.{i}" for i in _child_names(encoder_layers)]
     return _stage_blocks(module)
+
+
+def _hf_layers(module: nn.Module) -> list[str]:
+    """The blocks of a Hugging Face model's encoder (by attribute names, so that transformers is never imported).
+
+    ViT and DeiT: ``layers.i`` (transformers 5) or ``encoder.layer.i`` (4, and Dinov2 in both); ConvNext and ResNet:
+    ``encoder.stages.s.layers.j``; Swin (``encoder.layers.s.blocks.j``) is found by the rule for stages of blocks.
+    """
+    if not type(module).__module__.startswith("transformers."):
+        return []
+    for path in ("encoder.layer", "layers"):
+        blocks = module.get_submodule(path) if _has(module, path) else None
+        if _is_container(blocks) and _is_block_stage(blocks):
+            return [f"{path}.{i}" for i in _child_names(blocks)]
+    stages = getattr(module, "stages", None)
+    if _is_container(stages) and all(_is_container(getattr(s, "layers", None)) for s in stages):
+        return [f"stages.{i}.layers.{j}" for i, stage in stages.named_children() for j in _child_names(stage.layers)]
+    return []
+
+
+def _has(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 def _stage_blocks(module: nn.Module) -> list[str]:

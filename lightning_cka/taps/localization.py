@@ -38,6 +38,8 @@ class LocalizationSite:
         source_grid: the patch grid of a ``patch_embed`` whose output is flattened ``(n, N, C)`` (``N = gh·gw``).
         grid: the chosen layer's grid when the model's geometry fixes it (a fixed-size timm ViT), else ``None``
             (learned from the first minibatch).
+        source_patch: the patch size of a flattened patch embedding whose grid follows the input's size (Hugging
+            Face ViT, DeiT, Dinov2): each forward pass's grid is the input's size over it.
     """
 
     layer: str
@@ -46,6 +48,7 @@ class LocalizationSite:
     source_channels_last: bool
     source_grid: tuple[int, int] | None
     grid: tuple[int, int] | None
+    source_patch: tuple[int, int] | None = None
 
 
 def resolve_layer(model: "ProbedModel", name: str | None) -> str:
@@ -77,19 +80,24 @@ def localization_site(model: "ProbedModel", layer: str) -> LocalizationSite:
     """The chosen layer and its input side.
 
     The input side is the patch embedding of the innermost network holding the layer (timm's ``patch_embed``,
-    torchvision's ``conv_proj``); without one (a CNN) it is the first stage: the parent module of the first monitored
-    layer (``layer1`` for ``layer1.0``), or that layer itself when it has no parent that runs as a module.
+    torchvision's ``conv_proj``, Hugging Face's ``embeddings.patch_embeddings``, or the stem ``embedder`` of its
+    ResNet); without one (a CNN) it is the first stage: the parent module of the first monitored layer (``layer1`` for
+    ``layer1.0``), or that layer itself when it has no parent that runs as a module.
     """
     modules = model.modules
     layout = token_layout(modules, layer)
     for owner in owners(modules, layer)[1:]:
-        embed = getattr(owner, "patch_embed", None)
-        if not isinstance(embed, nn.Module):
-            embed = getattr(owner, "conv_proj", None)
-        if not isinstance(embed, nn.Module):
+        embed = _patch_embedding(owner)
+        if embed is None:
             continue
         source = next(name for name, module in modules.items() if module is embed)
         grid = getattr(embed, "grid_size", None)
+        source_patch = None
+        if grid is None and type(embed).__module__.startswith("transformers.") and hasattr(embed, "image_size"):
+            # Hugging Face ViT, DeiT, Dinov2: (n, N, C) patches of a grid that follows the input (Dinov2 interpolates)
+            source_patch = _pair(embed.patch_size)
+            image = _pair(embed.image_size)
+            grid = (image[0] // source_patch[0], image[1] // source_patch[1])
         source_grid = (int(grid[0]), int(grid[1])) if grid is not None else None
         fixed = (
             type(owner).__name__ == "VisionTransformer"
@@ -97,7 +105,9 @@ def localization_site(model: "ProbedModel", layer: str) -> LocalizationSite:
             and getattr(embed, "strict_img_size", False) is True
         )
         channels_last = getattr(embed, "output_fmt", None) == "NHWC"
-        return LocalizationSite(layer, layout, source, channels_last, source_grid, source_grid if fixed else None)
+        return LocalizationSite(
+            layer, layout, source, channels_last, source_grid, source_grid if fixed else None, source_patch
+        )
     first = model.layers[0]
     parent = first.rsplit(".", 1)[0] if "." in first else ""
     source = parent if parent and not isinstance(modules[parent], nn.ModuleList) else first
@@ -107,6 +117,21 @@ def localization_site(model: "ProbedModel", layer: str) -> LocalizationSite:
             "layer with Localization(layer=...) or monitor more layers"
         )
     return LocalizationSite(layer, layout, source, token_layout(modules, source).channels_last, None, None)
+
+
+def _patch_embedding(owner: nn.Module) -> nn.Module | None:
+    """The module of ``owner`` that embeds the input patches, or ``None``."""
+    for path in ("patch_embed", "conv_proj", "embeddings.patch_embeddings", "embedder"):
+        found: object = owner
+        for part in path.split("."):
+            found = getattr(found, part, None)
+        if isinstance(found, nn.Module) and (path != "embedder" or type(owner).__module__.startswith("transformers.")):
+            return found
+    return None
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    return (int(value[0]), int(value[1])) if isinstance(value, tuple | list) else (int(value), int(value))
 
 
 def _maps(x: Tensor, channels_last: bool) -> Tensor:
@@ -139,13 +164,23 @@ class LocalizationTap(Tap):
         self._source_grid: tuple[int, int] | None = None
         self._forward_grid: tuple[int, int] | None = None
         self._image: tuple[int, int] | None = None
+        self._input_grid: tuple[int, int] | None = None  # the grid of the input entering a Hugging Face embedding
 
     @override
     def hooks(self, modules: Mapping[str, nn.Module]) -> list[RemovableHandle]:
-        return [
+        handles = [
             self.on_output(modules[self.site.source], self._hook(self.site.source, self._on_source)),
             self.on_output(modules[self.site.layer], self._hook(self.site.layer, self._on_layer)),
         ]
+        if self.site.source_patch is not None:
+            handles.append(self.on_input(modules[self.site.source], self._on_pixels))
+        return handles
+
+    def _on_pixels(self, module: nn.Module, args: tuple) -> None:
+        pixels = args[0] if args else None
+        if isinstance(pixels, Tensor) and pixels.dim() == 4 and self.site.source_patch is not None:
+            patch = self.site.source_patch
+            self._input_grid = (int(pixels.shape[-2]) // patch[0], int(pixels.shape[-1]) // patch[1])
 
     def _hook(self, name: str, handler: Callable[[Tensor, tuple[int, int] | None], None]) -> Callable:
         def hook(module: nn.Module, args: tuple, output: object) -> None:
@@ -169,7 +204,8 @@ class LocalizationTap(Tap):
         site = self.site
         if self._source is not None or self._held is not None:
             raise self._twice(site.source)
-        flat_grid = site.source_grid or returned_grid  # XCiT's patch embedding returns (tokens, (gh, gw))
+        # Hugging Face Swin's and XCiT's patch embeddings return (tokens, (gh, gw)): the grid of this input.
+        flat_grid = self._input_grid or returned_grid or site.source_grid
         if x.dim() == 3 and flat_grid is not None:  # a flattened patch embedding (n, N, C), row-major
             gh, gw = flat_grid
             if x.shape[1] != gh * gw:

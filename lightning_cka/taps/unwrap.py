@@ -28,3 +28,25 @@ def model_device(model: nn.Module) -> torch.device:
     if first is None:
         first = next(model.buffers(), None)
     return first.device if first is not None else torch.device("cpu")
+
+
+_POOLS = {"token": "token", "avg": "avg", "avgmax": "avg", "max": "avg", "map": "map", "": ""}
+
+
+def classifier_pool(model: nn.Module) -> str:
+    """What the classifier of a ViT reads: ``"token"``, ``"avg"``, ``"map"``, or ``""`` when unknown.
+
+    ``"token"``: the class token; ``"avg"``: the pooled patch tokens; ``"map"``: attention pooling; ``""``: a CNN or a
+    model this does not recognize. timm says it in ``global_pool`` (a string on ViTs); torchvision's ViT and Hugging
+    Face's ViT / DeiT classifiers read the class token.
+    """
+    for module in unwrap_model(model).modules():
+        pool = getattr(module, "global_pool", None)
+        if isinstance(pool, str):
+            return _POOLS.get(pool, "")
+        name = type(module).__name__
+        if name == "VisionTransformer" and type(module).__module__.startswith("torchvision"):
+            return "token"
+        if name in ("ViTForImageClassification", "DeiTForImageClassification"):
+            return "token"
+    return ""
