@@ -5,7 +5,8 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from lightning_cka.analyses import resolve_analyses
 from lightning_cka.engine import options
@@ -27,7 +28,7 @@ def compare_models(
     analyses: Sequence[Analysis | str] | None = None,
     layers_a: LayerSpec = "auto",
     layers_b: LayerSpec = "auto",
-    batch_size: int = 128,
+    batch_size: int | None = None,
     reduction: Reduction = "flatten",
     reduction_b: Reduction | None = None,
     input_key: str | None = None,
@@ -52,7 +53,11 @@ def compare_models(
             minibatch is moved to each model's device.
         layers_a: layers of A: ``"auto"`` or names / glob patterns (:func:`find_layers`).
         layers_b: layers of B.
-        batch_size: minibatch size for tensors and datasets (a DataLoader keeps its own); at least 4.
+        batch_size: minibatch size for tensors and datasets (a DataLoader keeps its own); at least 4. Default:
+            ``N // 8`` clipped to [4, 256], which cuts the probe into 8 (or 9) minibatches up to 2048 images (32 for
+            256 images) and into minibatches of 256 beyond, since the standard errors are a jackknife over minibatches,
+            read with Student's t on ``M - 1`` degrees of freedom, and nearly useless below ``M = 4``; 32 for data
+            of unknown length. A probe of fewer than 4 minibatches warns, naming the fix (``batch_size <= N / 4``).
         reduction: ``"flatten"``, ``"cls"`` or ``"mean"`` for A's outputs.
         reduction_b: the same for B (default: ``reduction``).
         input_key: key of the images in dict batches.
@@ -71,10 +76,12 @@ def compare_models(
         >>> import timm, torch
         >>> from lightning_cka import compare_models
         >>> vit, resnet = timm.create_model("test_vit"), timm.create_model("test_resnet")
-        >>> result = compare_models(vit, resnet, data=torch.randn(16, 3, 160, 160), batch_size=8)
+        >>> result = compare_models(vit, resnet, data=torch.randn(16, 3, 160, 160))  # 4 minibatches of 4
         >>> result.intra.shape, result.reference.shape, result.mean_attention_distance.shape
         ((6, 6), (6, 4), (6, 2))
     """
+    if batch_size is None:
+        batch_size = default_batch_size(_length(data))
     batch_size = options.integer("compare_models", "batch_size", batch_size, MIN_BATCH, hint="CKA needs 4 examples")
     resolved = resolve_analyses(analyses)
     models = [ProbedModel("model", model_a, layers_a, reduction)]
@@ -91,10 +98,13 @@ def compare_models(
         minibatches = list(minibatches)
         count = len(minibatches)
     hasher = ProbeHasher()
-    batches = _numbered(minibatches, hasher)
+    seen: list[int] = []
+    batches = _numbered(minibatches, hasher, seen)
     engine.run(batches, max(count, 1), models[0].device)
     if hasher.count == 0:
         raise ValueError("data yielded no minibatch of at least 4 examples.")
+    if len(seen) < FEW_MINIBATCHES:
+        warnings.warn(few_minibatches(len(seen), hasher.count, isinstance(data, DataLoader)), UserWarning, stacklevel=2)
     failed = {name: describe_error(err) for name, err in engine.failures.items()}
     fields = engine.compute(skip=list(failed))
     failed |= {name: describe_error(err) for name, err in engine.finalize_failures.items()}
@@ -114,10 +124,60 @@ def compare_models(
     return CKAResult(fields, analyses=engine.result_analyses(skip=list(failed)))
 
 
-def _numbered(minibatches: Any, hasher: ProbeHasher) -> Any:
+FEW_MINIBATCHES = 4  # below it, the jackknife's standard errors rest on too few degrees of freedom to be read
+DEFAULT_MINIBATCHES = 8  # what the default batch size aims for
+MAX_DEFAULT_BATCH = 256
+
+
+def default_batch_size(num_examples: int | None) -> int:
+    """The default minibatch size for ``num_examples`` probe images: 8 minibatches or more, of at most 256 images.
+
+    ``N // 8`` clipped to [4, 256]; 32 when the length is unknown.
+
+    Example:
+        >>> [default_batch_size(n) for n in (16, 100, 256, 1000, 5000, None)]
+        [4, 12, 32, 125, 256, 32]
+    """
+    if num_examples is None:
+        return 32
+    return min(MAX_DEFAULT_BATCH, max(MIN_BATCH, num_examples // DEFAULT_MINIBATCHES))
+
+
+def few_minibatches(minibatches: int, num_examples: int, loader: bool = False) -> str:
+    """The warning for a probe of fewer than 4 minibatches: what it costs and the fix."""
+    from lightning_cka.stats import t_critical
+
+    quantile = float(t_critical(0.95, minibatches - 1)) if minibatches > 1 else float("nan")
+    cost = (
+        f"its standard errors rest on {minibatches - 1} degree(s) of freedom (a 95% interval is ± {quantile:.1f} se)"
+        if minibatches > 1
+        else "it has no standard errors at all"
+    )
+    where = "the DataLoader's batch_size" if loader else "batch_size"
+    return (
+        f"compare_models: the probe of {num_examples} images came in {minibatches} minibatch(es), so {cost}; use "
+        f"{where} <= N/4 (here <= {max(MIN_BATCH, num_examples // FEW_MINIBATCHES)}) for 4 minibatches or more, "
+        "8 or more for error bars worth reading."
+    )
+
+
+def _length(data: Any) -> int | None:
+    """How many examples ``data`` holds (a tensor or a map-style dataset), or ``None`` (a loader keeps its own)."""
+    if isinstance(data, Tensor):
+        return int(data.shape[0])
+    if isinstance(data, Dataset) and not isinstance(data, IterableDataset):
+        try:
+            return len(data)  # type: ignore[arg-type]
+        except TypeError:
+            return None
+    return None
+
+
+def _numbered(minibatches: Any, hasher: ProbeHasher, seen: list[int]) -> Any:
     """The minibatches as numbered :class:`ProbeBatch` es, made lazily (one minibatch of images in memory at a time)."""
     start = 0
     for index, (inputs, labels) in enumerate(minibatches):
         hasher.update(inputs)
+        seen.append(inputs.shape[0])
         yield ProbeBatch(index, start, inputs, labels)
         start += inputs.shape[0]

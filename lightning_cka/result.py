@@ -43,6 +43,7 @@ PROBE_FIELDS = (
         shape=("num_examples",),
     ),
     Field("settings", "text", "JSON: what the probe ran with (layers, reductions, minibatch size, probe source, ...)"),
+    Field("events", "text", "JSON: the events the monitor noticed at this probe (step, analysis, kind, text, subject)"),
 )
 _DEFAULTS = {"step": -1, "epoch": -1, "num_examples": 0}
 _RECORD_KEYS = ("format_version", "analyses")  # stored beside the fields: the layout and the analyses' records
@@ -182,6 +183,18 @@ class CKAResult:
         """
         try:
             return cls._from_arrays(read_arrays(path))
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from err
+
+    @classmethod
+    def check(cls, path: str | os.PathLike) -> None:
+        """Check a probe file as :meth:`load` does (kinds, dtypes, shapes) from its headers and small arrays only.
+
+        Raises:
+            ValueError: what :meth:`load` would raise for the file's structure (its large arrays' values are not read).
+        """
+        try:
+            cls._from_arrays(read_arrays(path, headers_only=True))
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from err
 

@@ -261,7 +261,7 @@ def test_heads_pad_with_nan_where_a_layer_has_fewer_heads(models):
 def test_bind_rules(models):
     vit, resnet = models["test_vit"], models["resnet"]
     # Where it does not apply, the engine leaves it out and says why (no error: the other analyses go on).
-    for model, reference, reason in ((vit, None, "reference"), (resnet, resnet, "no timm Attention")):
+    for model, reference, reason in ((vit, None, "reference"), (resnet, resnet, "no attention module it reads")):
         engine = run(model, reference, images())
         assert engine.analyses == [] and list(engine.skipped) == ["heads"]
         assert reason in engine.skipped["heads"]

@@ -19,7 +19,7 @@ from lightning_cka.engine.engine import ProbeBatch, ProbeEngine
 from lightning_cka.engine.models import ProbedModel
 from lightning_cka.figures.render import draw_figure
 from lightning_cka.figures.spec import Curves
-from lightning_cka.functional.ridge import fit_ridge
+from lightning_cka.functional.ridge import fit_ridge, label_permutation
 from lightning_cka.result import CKAResult
 from lightning_cka.taps.base import TapSet
 from lightning_cka.taps.linear_probe import LinearProbeTap
@@ -92,6 +92,11 @@ def gcv_naive(x_fit, y_fit, classes):
     return lambdas, np.array(values)
 
 
+def shuffled_fit_labels(y_fit, seed, shuffle):
+    """The fit half's labels (even probe indices, in order) as shuffle ``shuffle`` permutes them (package seeding)."""
+    return y_fit[label_permutation(seed, shuffle, len(y_fit)).numpy()]
+
+
 def batches(x, y, size):
     return [
         ProbeBatch(i, start, x[start : start + size], None if y is None else y[start : start + size])
@@ -119,7 +124,7 @@ def shifted_images(n, size, seed, classes=3):
     return x, shift.argmax(dim=1)
 
 
-def check_against_reference(model, x, y, fields, names, prefix, has_cls, batch):
+def check_against_reference(model, x, y, fields, names, prefix, has_cls, batch, shuffles_checked=1):
     y_np = y.numpy()
     classes = int(y_np.max()) + 1
     fit, held = np.arange(len(y_np)) % 2 == 0, np.arange(len(y_np)) % 2 == 1
@@ -136,9 +141,23 @@ def check_against_reference(model, x, y, fields, names, prefix, has_cls, batch):
             np.testing.assert_allclose(ridge[layer, kind], lambdas[np.argmin(curve)], rtol=1e-5)
             expected = ridge_accuracy(feats[fit], y_np[fit], feats[held], y_np[held], ridge[layer, kind], classes)
             assert accuracy[layer, kind] == expected, (names[layer], kind)
-    majority = np.bincount(y_np[fit], minlength=classes).argmax()
-    assert fields["linear_probe_chance"] == np.mean(y_np[held] == majority)
     assert fields["linear_probe_examples"].tolist() == [fit.sum(), held.sum()]
+    # The chance level: the same NumPy ridge (its own naive GCV λ) on the fit half's labels shuffled.
+    shuffled = fields["linear_probe_shuffled"]
+    assert shuffled.shape == (10, len(names), 2)
+    for p in range(shuffles_checked):  # the naive GCV is slow
+        y_perm = shuffled_fit_labels(y_np[fit], 0, p)
+        assert np.array_equal(np.sort(y_perm), np.sort(y_np[fit])) and not np.array_equal(y_perm, y_np[fit])
+        for layer, pair in enumerate(features):
+            for kind, feats in enumerate(pair):
+                if feats is None:
+                    assert np.isnan(shuffled[p, layer, kind])
+                    continue
+                lambdas, curve = gcv_naive(feats[fit], y_perm, classes)
+                lam = lambdas[np.argmin(curve)]
+                expected = ridge_accuracy(feats[fit], y_perm, feats[held], y_np[held], lam, classes)
+                assert abs(shuffled[p, layer, kind] - expected) <= 1 / held.sum() + 1e-12, (p, names[layer], kind)
+    assert fields["linear_probe_chance"] == np.nanmean(shuffled)
 
 
 # ----------------------------------------------------------------------------------------------- reference tests
@@ -150,7 +169,7 @@ def test_vit_with_class_token_matches_numpy_reference():
     x, y = shifted_images(90, 64, seed=1)
     engine, fields = run(model, x, y, size=13)  # 13: minibatch starts of both parities
     names = engine.models["model"].layers
-    check_against_reference(model, x, y, fields, names, model.num_prefix_tokens, True, 13)
+    check_against_reference(model, x, y, fields, names, model.num_prefix_tokens, True, 13, shuffles_checked=4)
     accuracy = fields["linear_probe_accuracy"]
     assert np.isfinite(accuracy).all()
     assert accuracy.max() > fields["linear_probe_chance"] + 0.2  # not a trivial majority vote everywhere
@@ -271,7 +290,10 @@ def test_linearly_separable_labels_are_decoded_where_the_feature_is():
     assert abs(acc[1, 1] - 0.5) < tol  # drop: only noise channels
     assert acc[2, 0] == 1.0 and abs(acc[2, 1] - 0.5) < tol  # cls_only
     assert acc[3, 1] == 1.0  # patch_only: the pool of the patch tokens is the channel means
-    assert acc[3, 0] == chance and np.isnan(ridge[3, 0])  # constant CLS: the majority predictor, no λ
+    y_np = y.numpy()
+    majority = np.mean(y_np[1::2] == np.bincount(y_np[0::2]).argmax())
+    assert acc[3, 0] == majority and np.isnan(ridge[3, 0])  # constant CLS: the majority predictor, no λ
+    assert abs(chance - 0.5) < tol  # the shuffled-label probes
     assert np.isfinite(ridge[:, 1]).all()
 
 
@@ -400,6 +422,9 @@ def test_ranks_with_half_the_minibatches_each_equal_one_process(monkeypatch, spl
         np.testing.assert_array_equal(got["linear_probe_accuracy"], expected["linear_probe_accuracy"])
         np.testing.assert_allclose(got["linear_probe_ridge"], expected["linear_probe_ridge"], rtol=1e-9)
         assert got["linear_probe_chance"] == expected["linear_probe_chance"]
+        # the shuffled-label probes too: permutations seeded by the global minibatch index, sums over ranks
+        assert np.isfinite(expected["linear_probe_shuffled"]).all()
+        np.testing.assert_array_equal(got["linear_probe_shuffled"], expected["linear_probe_shuffled"])
         assert got["linear_probe_examples"].tolist() == expected["linear_probe_examples"].tolist() == [39, 38]
 
 

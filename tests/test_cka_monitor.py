@@ -280,7 +280,8 @@ def test_reference_by_timm_name_with_a_lightning_checkpoint_of_another_run(tmp_p
     trainer, _ = fit(tmp_path / "donor", None, lit=donor, max_steps=2)
     ckpt = tmp_path / "donor.ckpt"
     trainer.save_checkpoint(ckpt)
-    monitor = small_monitor(reference=Reference("test_resnet", weights=str(ckpt), kwargs={"num_classes": 4}))
+    reference = Reference("test_resnet", weights=str(ckpt), kwargs={"num_classes": 4})
+    monitor = small_monitor(reference=reference, batch_size=6)  # 4 minibatches: no warning about too few
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # a trained reference draws no "untrained" warning
         warnings.filterwarnings("ignore", ".*(does not have many workers|smaller than the logging|LeafSpec).*")
@@ -505,3 +506,11 @@ def test_lightning_cli_takes_a_reference_by_name(tmp_path):
     cli = LightningCLI(pl.LightningModule, run=False, args=["--config", str(config)])
     (monitor,) = [c for c in cli.trainer.callbacks if isinstance(c, CKAMonitor)]
     assert monitor.reference.model == "resnet18" and monitor.analyses[0].name == "cka"
+
+
+def test_a_probe_of_fewer_than_four_minibatches_warns_once_with_the_fix(tmp_path):
+    with pytest.warns(
+        UserWarning, match=r"24 images make 3 minibatch\(es\) of batch_size=8.*batch_size <= 4"
+    ) as record:
+        fit(tmp_path, small_monitor(), max_steps=6)  # three probes, one warning
+    assert len([w for w in record if "minibatch(es)" in str(w.message)]) == 1

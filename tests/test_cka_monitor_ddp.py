@@ -36,7 +36,7 @@ def test_ddp_two_processes_write_the_same_arrays_as_one_and_report_a_failure_on_
     assert [p.name for p in double.iterdir()] == ["version_0"]  # one set of files
     assert array_steps(single / "version_0") == [0, 2, 4, 6]
     assert array_steps(double / "version_0") == [0, 2, 6]  # rank 1 failed at step 4: every rank skipped it
-    assert "probe at step 4 failed (rank 1: RuntimeError('rank 1 fails at step 4'))" in outputs[2]
+    assert "probe at step 4 failed (rank 1: RuntimeError: rank 1 fails at step 4)" in outputs[2]
     for step in (0, 2, 6):
         a = CKAResult.load(single / "version_0" / "cka" / f"step_{step:07d}.npz")
         b = CKAResult.load(double / "version_0" / "cka" / f"step_{step:07d}.npz")
@@ -46,6 +46,9 @@ def test_ddp_two_processes_write_the_same_arrays_as_one_and_report_a_failure_on_
         assert {"intra", "intra_se", "intra_null", "reference", "reference_null", "mean_attention_distance"} <= set(
             keys
         )
+        # summed over ranks too: the shuffled-label probes (seeded by the global minibatch) and the per-image influence
+        assert {"linear_probe_shuffled", "influence_share"} <= set(keys) and np.isfinite(b.linear_probe_chance)
+        np.testing.assert_array_equal(b.influence_images, a.influence_images)
         if step == 2:
             assert "previous" in keys
         if step == 6:  # the two runs' previous probes differ: step 4 in one process, step 2 where step 4 failed

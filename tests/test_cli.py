@@ -81,7 +81,8 @@ def test_compare_draws_a_png_and_prints_the_table_at_the_last_common_step(runs, 
     rows = table_rows(text)
     offdiag = rows["cka/offdiag_mean"]
     assert float(offdiag[-2]) == pytest.approx(-0.1, abs=1e-9)  # A is B minus 0.1 everywhere
-    assert float(offdiag[-1]) < 0.05  # far beyond both runs' jackknife errors
+    assert offdiag[-1] == "-"  # one run a side: jackknife errors are no test between runs
+    assert "p: none, one run per side: seed variation unknown" in text
     distances = {line.split()[0]: line.split() for line in text.splitlines() if line.startswith("blocks.")}
     assert float(distances["blocks.0.attn"][-1]) < 0  # half the distances
 

@@ -216,5 +216,42 @@ def test_named_analyses_that_do_not_apply_or_fail_are_left_out_with_a_warning(mo
     assert result.intra.shape == (6, 6) and "head_reference" not in result and "localization" not in result
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # defaults that do not apply (heads without a reference) are left out quietly
-        result = compare_models(vit, data=images[:8], batch_size=8)
+        result = compare_models(vit, data=images[:16])  # the default batch size: 4 minibatches of 4, no warning
     assert [a.name for a in result.analyses] == ["cka", "attention", "residual", "rank"]
+
+
+def test_the_default_batch_size_gives_8_or_9_minibatches_up_to_256_images_each():
+    from lightning_cka.compare import default_batch_size
+    from lightning_cka.probe_data.batches import minibatch_slices
+
+    for n in (16, 20, 31, 32, 100, 256, 257, 1000, 2047, 2048, 5000):
+        size = default_batch_size(n)
+        count = len(minibatch_slices(n, size))
+        assert 4 <= size <= 256
+        if n >= 32:  # the data allow 8 minibatches of at least 4
+            assert count >= 8 and (size == 256 or count <= 9), (n, size, count)  # as large as 8 minibatches allow
+        else:
+            assert size == 4 and count >= 4
+    assert default_batch_size(256) == 32 and default_batch_size(5000) == 256
+
+
+def test_default_batch_size_is_used_and_recorded_and_few_minibatches_warn(models, images):
+    import json
+
+    vit, _ = models
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = compare_models(vit, data=images, analyses=[LayerCKA(permutations=0)])
+    assert result.num_minibatches == 5 and json.loads(result.settings)["batch_size"] == 4  # 20 // 8 -> 4
+    with pytest.warns(
+        UserWarning,
+        match=r"2 minibatch\(es\).*1 degree\(s\) of freedom.*± 12\.7 se.*use batch_size "
+        r"<= N/4 \(here <= 4\)",
+    ):
+        few = compare_models(vit, data=images[:16], batch_size=8, analyses=[LayerCKA(permutations=0)])
+    assert few.num_minibatches == 2
+    loader = DataLoader(TensorDataset(images[:16]), batch_size=16)
+    with pytest.warns(
+        UserWarning, match="1 minibatch\\(es\\), so it has no standard errors at all; use the DataLoader"
+    ):
+        compare_models(vit, data=loader, analyses=[LayerCKA(permutations=0)])

@@ -64,7 +64,7 @@ def page(tmp_path_factory):
     with tensorboard(logdir, runs=4) as url:
         starter.join()
         b = browser["b"]
-        b.url = url
+        b.url, b.logdir = url, logdir
         try:
             yield b
         finally:
@@ -180,3 +180,44 @@ def test_attention_distances_with_the_local_threshold(page):
     legend = page.wait_for("(h => h && h.textContent)(cka().querySelector('.history svg'))")
     assert dots.lines[0].label in legend
     assert "head 0" in legend
+
+
+# The report of the demo's two runs (a larger and a smaller learning rate), as a reader opens it.
+VERDICT_COLOURS = {"shows": (26, 127, 55), "does not show": (180, 35, 24), "cannot tell": (87, 96, 106)}
+
+
+def test_the_report_of_the_demo_runs_opens_offline_with_its_findings_and_pictures(page, tmp_path):
+    from PIL import Image
+
+    from lightning_cka.cli import main
+
+    out = tmp_path / "report.html"
+    runs = [str(page.logdir / "vit-large"), "--vs", str(page.logdir / "vit-small")]
+    assert main(["report", *runs, "--labels", "larger rate", "smaller rate", "--out", str(out), "--no-markdown"]) == 0
+    page.goto(out.as_uri())
+    seen = page.evaluate(
+        """(() => ({
+        pictures: [...document.images].map(i => i.complete && i.naturalWidth > 0),
+        findings: [...document.querySelectorAll('h3')].map(h => h.textContent),
+        verdicts: [...document.querySelectorAll('.verdict')]
+            .filter(v => v.getBoundingClientRect().bottom < window.innerHeight).map(v => v.textContent),
+        figureOne: document.querySelector('img[alt^="Figure 1 layout"]').getBoundingClientRect().top,
+        }))()"""
+    )
+    assert len(seen["pictures"]) >= 4 and all(seen["pictures"])  # every picture is inside the file and decodes
+    assert "Layers alike throughout, or in stages (larger rate)" in seen["findings"]
+    assert "Local heads and the amount of training data" in seen["findings"]
+    top = tmp_path / "top.png"
+    page.screenshot(top)  # the title, the runs and the verdicts at a glance
+    pixels = np.asarray(Image.open(top).convert("RGB")).reshape(-1, 3)
+    assert seen["verdicts"], "no verdict in the first screen"
+    for verdict in {v for v in seen["verdicts"] if v in VERDICT_COLOURS}:  # those the first screen shows
+        badge = np.all(np.abs(pixels.astype(int) - VERDICT_COLOURS[verdict]) <= 2, axis=1).sum()
+        assert badge > 200, f"no {verdict} badge drawn in the first screen"
+    page.evaluate(f"window.scrollTo(0, {seen['figureOne']})")
+    page.evaluate("new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)))")  # painted
+    shot = tmp_path / "figure_one.png"
+    page.screenshot(shot)
+    picture = np.asarray(Image.open(shot).convert("RGB"), dtype=np.int64)[:400]
+    colourful = (picture.max(axis=2) - picture.min(axis=2) > 60).mean()  # the heatmaps' colour scale, not text
+    assert colourful > 0.05, f"only {colourful:.1%} of the Figure 1 screen is coloured: the pictures are not drawn"

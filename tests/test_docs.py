@@ -67,3 +67,13 @@ def test_relative_links_resolve(page: Path) -> None:
         if not path.exists():
             broken.append(target)
     assert not broken, f"{page.relative_to(ROOT)} links to missing files: {broken}"
+
+
+@pytest.mark.parametrize(
+    "name, default",
+    [(f"{a.name}.{c.key}", c.default) for a in builtin_analyses() for c in a.criteria],
+)
+def test_every_criterion_is_in_the_report_page_with_its_default(name: str, default: float) -> None:
+    assert f"| `{name}` | {default:g} |" in (DOCS / "report.md").read_text(), (
+        f"{name} is not in docs/report.md with its default: run python docs/make_report_doc.py"
+    )

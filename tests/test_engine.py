@@ -124,7 +124,7 @@ def test_bad_reduction_and_attention_arguments():
     # Asked for on a model without attention: left out, with the reason (no error: the other analyses go on).
     engine = ProbeEngine([ProbedModel("model", timm.create_model("test_resnet"))], [AttentionStats(), LayerCKA()])
     assert [a.name for a in engine.analyses] == ["cka"]
-    assert "no timm Attention" in engine.skipped["attention"]
+    assert "attention module it reads" in engine.skipped["attention"]
 
 
 def test_training_flags_batchnorm_rng_and_grads_are_left_as_they_were():

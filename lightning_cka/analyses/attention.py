@@ -7,6 +7,7 @@ Taps timm attention modules (probabilities recomputed from ``q`` and ``k``, fuse
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -15,6 +16,26 @@ from typing_extensions import override
 from lightning_cka.engine import options as check
 from lightning_cka.engine.analysis import Analysis, Field, Minibatch, ProbeSetup, View
 from lightning_cka.figures.spec import Dots, Figure, Line, Series
+from lightning_cka.findings import (
+    CANNOT_TELL,
+    DOES_NOT,
+    NOT_MEASURED,
+    PARTLY,
+    SHOWS,
+    Criteria,
+    Criterion,
+    Estimate,
+    Event,
+    Evidence,
+    Finding,
+    Side,
+    figures_of,
+    group_difference,
+    per_side,
+    seed_estimate,
+    side_estimate,
+    threshold_verdict,
+)
 from lightning_cka.stats import nanmean
 
 if TYPE_CHECKING:
@@ -84,14 +105,15 @@ class AttentionStats(Analysis):
     @override
     def bind(self, setup: ProbeSetup) -> bool | str:
         from lightning_cka.taps.attention import AttentionStatsTap, attention_sites
+        from lightning_cka.taps.attention_site import READABLE
 
         self._models = dict(setup.models)
         sites = {role: attention_sites(model.modules) for role, model in self._models.items()}
         sites = {role: found for role, found in sites.items() if found}
         if not sites:
             names = [model.label or type(model.module).__name__ for model in self._models.values()]
-            who = f"{names[0]} has no" if len(names) == 1 else "neither the model nor the reference has a"
-            return f"{who} timm Attention module under a patch grid (that of a timm ViT)"
+            who = f"{names[0]} has no" if len(names) == 1 else "neither the model nor the reference has an"
+            return f"{who} attention module it reads ({READABLE}) under a patch grid"
         self._taps = {role: AttentionStatsTap(found, self.renormalize) for role, found in sites.items()}
         self._warned: set[str] = set()
         return True
@@ -198,6 +220,44 @@ class AttentionStats(Analysis):
                 scalars[f"attention/entropy/{name}"] = nanmean(entropy[i])
         return scalars
 
+    event_fields = ("mean_attention_distance", "attention_entropy", "attention_layers", "uniform_attention_distance")
+    criteria = (
+        Criterion(
+            "global_fraction",
+            0.8,
+            "a head counts as global above this fraction of the uniform-attention distance (local: below the "
+            "analysis's local_threshold, 0.5 unless set)",
+        ),
+        Criterion(
+            "lower_local",
+            0.0,
+            "share of the lower half's heads that are local: above it the lower layers have local heads",
+        ),
+        Criterion(
+            "hysteresis",
+            0.1,
+            "a head becomes local once its distance falls this fraction below the local threshold, and stops being "
+            "local once it rises this fraction above it (events)",
+        ),
+        Criterion(
+            "collapse_tokens",
+            2.0,
+            "a layer's attention has collapsed when its heads attend to fewer tokens than this on average (the "
+            "exponential of the mean entropy; event)",
+        ),
+    )
+
+    @override
+    def findings(self, evidence: Evidence) -> list[Finding]:
+        found = per_side(evidence, lambda side: _local_global(self, side, evidence))
+        if evidence.paired:
+            found.append(_data_scale(self, evidence))
+        return found
+
+    @override
+    def events(self, history: Sequence[CKAResult], criteria: Criteria) -> list[Event]:
+        return [*_local_events(self, history, criteria), *_collapse_events(self, history, criteria)]
+
 
 def _convention(part: CKAResult) -> str:
     """Which convention the distances follow, where the model has prefix tokens for it to matter."""
@@ -228,3 +288,244 @@ def distance_panel(
         lines=tuple(lines),
         ylim=(-0.03 * top, top * 1.15) if top else (0.0, 1.0),  # no head cut off by the frame, at 0 either
     )
+
+
+# ------------------------------------------------------------------------------------------------------------ findings
+
+LOCAL_GLOBAL = ("attention.local_global", "Local and global heads")
+LOCAL_GLOBAL_PAPER = (
+    "The lower layers of a ViT mix heads that attend locally with heads that attend globally; the higher layers attend "
+    "globally (Raghu et al. 2021, Figure 3)."
+)
+DATA_SCALE = ("attention.data_scale", "Local heads and the amount of training data")
+DATA_SCALE_PAPER = (
+    "Trained on too little data, the lower layers of a ViT learn no local heads (ViT-L/16 and H/14 on ImageNet alone, "
+    "Figure 4)."
+)
+
+
+def head_shares(analysis: AttentionStats, result: CKAResult, evidence: Evidence) -> dict[str, float]:
+    """Shares of local heads in the lower and upper half of the attention layers, and of global heads in the lower."""
+    distances, uniform = result.mean_attention_distance, result.uniform_attention_distance
+    if distances is None or not uniform:
+        return {}
+    local = distances < analysis.local_threshold * uniform  # (La, H)
+    wide = distances > evidence.criterion(analysis, "global_fraction") * uniform
+    half = -(-len(distances) // 2)
+    measured = np.isfinite(distances)
+
+    def share(mask: np.ndarray, rows: slice) -> float:
+        count = measured[rows].sum()
+        return float(mask[rows][measured[rows]].sum() / count) if count else float("nan")
+
+    return {
+        "lower_local": share(local, slice(0, half)),
+        "upper_local": share(local, slice(half, None)),
+        "lower_global": share(wide, slice(0, half)),
+    }
+
+
+def _local_global(analysis: AttentionStats, side: Side, evidence: Evidence) -> Finding:
+    first = side.last[0]
+    header = (*LOCAL_GLOBAL, LOCAL_GLOBAL_PAPER)
+    if first.mean_attention_distance is None:
+        return Finding(
+            *header,
+            NOT_MEASURED,
+            "the model has no attention the analysis could measure",
+            needs="a ViT as the model (timm, torchvision or Hugging Face); a CNN has no heads",
+        )
+    shares = {
+        key: side_estimate(side, lambda r, k=key: Estimate(head_shares(analysis, r, evidence).get(k, float("nan"))))
+        for key in ("lower_local", "upper_local", "lower_global")
+    }
+    uniform = first.uniform_attention_distance
+    local_px = analysis.local_threshold * uniform
+    lower, upper = shares["lower_local"], shares["upper_local"]
+    has_local, reason = threshold_verdict(
+        lower, evidence.criterion(analysis, "lower_local"), True, "share of local heads in the lower half"
+    )
+    if has_local == SHOWS:
+        more_below = lower.value > upper.value
+        verdict = SHOWS if more_below and shares["lower_global"].value > 0 else PARTLY
+        reason += (
+            f"; the upper half has {'fewer' if more_below else 'as many or more'} ({upper.percent()})"
+            f" and the lower half {'also' if shares['lower_global'].value > 0 else 'no'} global heads"
+        )
+    else:
+        verdict = has_local
+    lowest = _lowest_head(side)
+    statement = (
+        f"Local means a mean distance below {local_px:.1f} px ({analysis.local_threshold:g} of the "
+        f"{uniform:.1f} px of uniform attention). {lower.percent()} of the lower half's heads are local, "
+        f"{upper.percent()} of the upper half's; the most local head at the last probe is at "
+        f"{np.nanmin(first.mean_attention_distance):.1f} px. {lowest}"
+    ).strip()
+    numbers = [
+        ("share of local heads, lower half", lower.percent(basis=True)),
+        ("share of local heads, upper half", upper.percent(basis=True)),
+        ("share of global heads, lower half", shares["lower_global"].percent(basis=True)),
+        ("uniform-attention distance", f"{uniform:.2f} px"),
+    ]
+    figures = figures_of(analysis, first, ("attention/mean_distance",), View(run=first.run or side.label))
+    needs = ""
+    if verdict == DOES_NOT:
+        needs = (
+            "local heads come with more data and training (the paper: JFT-300M); at CIFAR scale, CutMix is reported "
+            "to make early heads local (examples/train.py --cutmix)"
+        )
+    return Finding(*header, verdict, reason, statement, numbers, figures, needs)
+
+
+def _lowest_head(side: Side) -> str:
+    """When and where the most local head of the first run was over training."""
+    run = side.runs[0]
+    best = (np.inf, -1, "")
+    for step in run.steps:
+        result = run.probes[step]
+        distances = result.mean_attention_distance
+        if distances is None or not np.isfinite(distances).any():
+            continue
+        layer, head = np.unravel_index(np.nanargmin(distances), distances.shape)
+        if distances[layer, head] < best[0]:
+            best = (float(distances[layer, head]), step, f"{result.attention_layers[layer]} head {head}")
+    if best[1] < 0 or len(run.steps) < 2:
+        return ""
+    return f"Over training ({run.label}), the most local head was {best[2]} at {best[0]:.1f} px, at step {best[1]}."
+
+
+def _data_scale(analysis: AttentionStats, evidence: Evidence) -> Finding:
+    header = (*DATA_SCALE, DATA_SCALE_PAPER)
+    a, b = evidence.sides
+    values = [
+        [head_shares(analysis, r, evidence).get("lower_local", float("nan")) for r in side.last] for side in (a, b)
+    ]
+    if any(not np.isfinite(v).any() for v in values):
+        return Finding(*header, NOT_MEASURED, "a side has no attention measured", needs="ViTs on both sides")
+    sizes = [_train_examples(side) for side in (a, b)]
+    text = [f"{side.label}{f' ({n:,} training images)' if n else ''}" for side, n in zip((a, b), sizes, strict=True)]
+    estimates = [seed_estimate(v, evidence.level) for v in values]
+    shares = [f"{t} {e.percent()}" for t, e in zip(text, estimates, strict=True)]
+    statement = f"Share of local heads in the lower half: {', '.join(shares)}."
+    numbers = [
+        (f"share of local heads, lower half: {t}", e.percent(basis=True)) for t, e in zip(text, estimates, strict=True)
+    ]
+    if all(np.nanmax(v) == 0 for v in values):
+        reason = "neither side has a local head in its lower half: both are in the paper's too-little-data regime"
+        return Finding(*header, DOES_NOT, reason, statement, numbers, needs=DATA_NEEDS)
+    if min(len(v) for v in values) < 2:
+        reason = "one run per side: seed variation unknown"
+        return Finding(*header, CANNOT_TELL, reason, statement, numbers, needs="2 or more seeds a side (3 for a claim)")
+    test = group_difference(values[0], values[1], evidence.alpha)
+    numbers.append((f"difference {a.label} − {b.label}", test.text()))
+    if not all(sizes) or sizes[0] == sizes[1]:
+        reason = f"the difference is {test.text()}, but which side had less data is not recorded"
+        return Finding(
+            *header, CANNOT_TELL, reason, statement, numbers, needs="runs whose monitor records the training-set size"
+        )
+    smaller = 0 if sizes[0] < sizes[1] else 1
+    fewer_on_small = (test.difference < 0) == (smaller == 0)
+    if test.significant and fewer_on_small:
+        verdict, reason = SHOWS, f"the side with less data has fewer local heads ({test.text()})"
+    elif test.significant:
+        verdict, reason = DOES_NOT, f"the side with less data has more local heads ({test.text()})"
+    else:
+        verdict, reason = CANNOT_TELL, f"no difference the seeds can tell ({test.text()})"
+    return Finding(*header, verdict, reason, statement, numbers, needs="" if test.significant else test.needs)
+
+
+DATA_NEEDS = (
+    "local heads need more data and training than these runs had: longer training, a larger dataset, or CutMix "
+    "(examples/train.py --cutmix)"
+)
+
+
+def _train_examples(side: Side) -> int:
+    """The training-set size the side's runs recorded (0 when unknown or when they differ)."""
+    sizes = {int(r.settings_dict().get("train_examples") or 0) for r in side.last}
+    return sizes.pop() if len(sizes) == 1 else 0
+
+
+# -------------------------------------------------------------------------------------------------------------- events
+
+
+def _local_events(analysis: AttentionStats, history: Sequence[CKAResult], criteria: Criteria) -> list[Event]:
+    """A head that became local (its distance fell clearly below the threshold) or stopped being local.
+
+    Each head's state starts at its first probe (local below the threshold) and changes only when its distance
+    crosses the threshold by the ``hysteresis`` margin, so a head near the threshold does not flicker.
+    """
+    margin = criteria.value(analysis, "hysteresis")
+    state: dict[tuple[str, int], bool] = {}
+    last: dict[tuple[str, int], tuple[int, float]] = {}
+    events = []
+    for result in history:
+        distances, uniform = result.mean_attention_distance, result.uniform_attention_distance
+        if distances is None or not uniform:
+            continue
+        threshold = analysis.local_threshold * uniform
+        for layer, name in enumerate(result.attention_layers):
+            for head, distance in enumerate(distances[layer]):
+                if not np.isfinite(distance):
+                    continue
+                key = (name, head)
+                local = state.get(key)
+                if local is None:
+                    state[key] = bool(distance < threshold)
+                elif not local and distance < threshold * (1 - margin):
+                    state[key] = True
+                    events.append(_head_event(analysis, result.step, key, distance, threshold, last.get(key), True))
+                elif local and distance > threshold * (1 + margin):
+                    state[key] = False
+                    events.append(_head_event(analysis, result.step, key, distance, threshold, last.get(key), False))
+                last[key] = (result.step, float(distance))
+    return events
+
+
+def _head_event(
+    analysis: AttentionStats,
+    step: int,
+    key: tuple[str, int],
+    distance: float,
+    threshold: float,
+    before: tuple[int, float] | None,
+    local: bool,
+) -> Event:
+    name, head = key
+    was = f" (it was {before[1]:.1f} px at step {before[0]})" if before else ""
+    what = "became local" if local else "stopped being local"
+    where = "below" if local else "above"
+    text = (
+        f"Head {head} of {name} {what}: mean distance {distance:.1f} px, {where} the {threshold:.1f} px threshold{was}."
+    )
+    return Event(step, analysis.name, "head_local" if local else "head_global", text, f"{name} head {head}")
+
+
+def _collapse_events(analysis: AttentionStats, history: Sequence[CKAResult], criteria: Criteria) -> list[Event]:
+    """A layer whose heads came to attend to fewer than ``collapse_tokens`` tokens on average (entropy collapse)."""
+    limit = criteria.value(analysis, "collapse_tokens")
+    collapsed: dict[str, bool] = {}
+    events = []
+    for result in history:
+        entropy = result.attention_entropy
+        if entropy is None:
+            continue
+        for name, row in zip(result.attention_layers, entropy, strict=True):
+            finite = row[np.isfinite(row)]
+            if not finite.size:
+                continue
+            tokens = float(np.exp(finite.mean()))
+            now, before = tokens < limit, collapsed.get(name)
+            if now and before is False:
+                events.append(
+                    Event(
+                        result.step,
+                        analysis.name,
+                        "entropy_collapse",
+                        f"The attention of {name} collapsed: its heads attend to {tokens:.2f} tokens on average "
+                        f"(exp of the mean entropy, {finite.mean():.2f} nats), fewer than {limit:g}.",
+                        name,
+                    )
+                )
+            collapsed[name] = now
+    return events

@@ -21,7 +21,24 @@ from typing_extensions import override
 from lightning_cka.engine import options as check
 from lightning_cka.engine.analysis import Analysis, Field, Minibatch, ProbeSetup, View
 from lightning_cka.figures.spec import Figure, Line, Scatter, Series
-from lightning_cka.stats import WEIGHTINGS, nanmean, spearman
+from lightning_cka.findings import (
+    CANNOT_TELL,
+    DOES_NOT,
+    NOT_MEASURED,
+    SHOWS,
+    Criterion,
+    Estimate,
+    Evidence,
+    Finding,
+    Side,
+    architecture,
+    figures_of,
+    named,
+    per_side,
+    side_estimate,
+    threshold_verdict,
+)
+from lightning_cka.stats import WEIGHTINGS, nanmean, rankdata, spearman
 
 if TYPE_CHECKING:
     import torch
@@ -80,6 +97,7 @@ class HeadCKA(Analysis):
     @override
     def bind(self, setup: ProbeSetup) -> bool | str:
         from lightning_cka.taps.attention import attention_sites
+        from lightning_cka.taps.attention_site import READABLE
         from lightning_cka.taps.grams import LayerGrams, TokenLayout, token_layout
         from lightning_cka.taps.heads import HeadGrams, head_dim
         from lightning_cka.taps.layers import display_names
@@ -89,7 +107,8 @@ class HeadCKA(Analysis):
         if reference is None:
             return "it compares every attention head with the layers of a reference model, and there is none"
         if not sites:
-            return f"{model.label or type(model.module).__name__} has no timm Attention module under a patch grid"
+            name = model.label or type(model.module).__name__
+            return f"{name} has no attention module it reads ({READABLE})"
         try:
             head_dims = [head_dim(model.modules, site) for site in sites]
         except ValueError as err:
@@ -212,6 +231,20 @@ class HeadCKA(Analysis):
             scalars[f"heads/lower_reference_cka/{name}"] = nanmean(heads)
         return scalars
 
+    criteria = (
+        Criterion(
+            "max_rho",
+            0.0,
+            "Spearman correlation over heads of mean attention distance with CKA to the reference's lower layers: "
+            "below it (and, for one run, a permutation test over heads at the report's alpha) local heads are the "
+            "more CNN-like",
+        ),
+    )
+
+    @override
+    def findings(self, evidence: Evidence) -> list[Finding]:
+        return per_side(evidence, lambda side: _local_like_cnn(self, side, evidence))
+
 
 def lower_reference_cka(
     head_reference: np.ndarray | None, reference_layers: Sequence[str] | None = None
@@ -274,3 +307,90 @@ def _local_fraction(result: CKAResult, view: View) -> float:
     if view.local_threshold is not None:
         return view.local_threshold
     return float(getattr(attention, "local_threshold", 0.5))
+
+
+# ------------------------------------------------------------------------------------------------------------ findings
+
+LOCAL_LIKE_CNN = ("heads.local_like_cnn", "Local heads resemble the CNN's early layers")
+LOCAL_LIKE_CNN_PAPER = (
+    "Heads that attend locally are the most CKA-similar to the lower ResNet layers; the similarity falls as the heads' "
+    "mean distance grows (Raghu et al. 2021, Figure 5)."
+)
+PERMUTATIONS = 1999  # of the heads' distances, for the one-run test of the correlation
+
+
+def correlation(result: CKAResult) -> float:
+    """Spearman correlation over heads of mean attention distance with CKA to the reference's lower layers."""
+    lower, _ = lower_reference_cka(result.head_reference, result.reference_layers)
+    distances = _aligned_distances(result)
+    return float("nan") if lower is None or distances is None else spearman(distances, lower)
+
+
+def permutation_p(result: CKAResult, seed: int = 0) -> float:
+    """One-sided p of a correlation this negative when distances are shuffled over the heads (1999 permutations).
+
+    Example:
+        >>> import numpy as np
+        >>> from lightning_cka.result import CKAResult
+        >>> d = np.arange(12.0).reshape(2, 6)
+        >>> r = CKAResult(attention_layers=["a", "b"], mean_attention_distance=d, head_layers=["a", "b"],
+        ...               head_reference=(100 - d)[..., None], reference_layers=["r"])
+        >>> permutation_p(r) < 0.01
+        True
+    """
+    lower, _ = lower_reference_cka(result.head_reference, result.reference_layers)
+    distances = _aligned_distances(result)
+    if lower is None or distances is None:
+        return float("nan")
+    x, y = np.ravel(distances), np.ravel(lower)
+    keep = np.isfinite(x) & np.isfinite(y)
+    observed = spearman(x[keep], y[keep])
+    if not np.isfinite(observed):
+        return float("nan")
+    rx, ry = (rankdata(v[keep]) for v in (x, y))
+    rx, ry = rx - rx.mean(), (ry - ry.mean()) / np.linalg.norm(ry - ry.mean())
+    shuffled = np.random.default_rng(seed).permuted(np.tile(rx, (PERMUTATIONS, 1)), axis=1)  # (P, heads)
+    correlations = shuffled @ ry / np.linalg.norm(rx)  # a permutation keeps the norm of the centered ranks
+    return float((1 + np.sum(correlations <= observed + 1e-12)) / (PERMUTATIONS + 1))
+
+
+def _local_like_cnn(analysis: HeadCKA, side: Side, evidence: Evidence) -> Finding:
+    first = side.last[0]
+    header = (*LOCAL_LIKE_CNN, LOCAL_LIKE_CNN_PAPER)
+    if first.head_reference is None or first.mean_attention_distance is None:
+        return Finding(
+            *header,
+            NOT_MEASURED,
+            "the heads were not compared with a reference",
+            needs="a ViT with a CNN reference and the attention and heads analyses (both are on by default)",
+        )
+    limit = evidence.criterion(analysis, "max_rho")
+    rho = side_estimate(side, lambda r: Estimate(correlation(r)))
+    cnn = architecture(first, "reference")
+    what = f"Spearman correlation of head distance with CKA to {named(cnn)}'s lower layers"
+    numbers = [(what, rho.text(basis=True))]
+    if len(side.runs) == 1:
+        p = permutation_p(first)
+        numbers.append(("one-sided permutation p over heads", f"{p:.3g} ({PERMUTATIONS} permutations)"))
+        if rho.value < limit and p < evidence.alpha:
+            verdict, reason = SHOWS, f"{what} is {rho.text()}, below {limit:g} (permutation p = {p:.2g})"
+        elif rho.value >= limit:
+            verdict, reason = DOES_NOT, f"{what} is {rho.text()}, not below {limit:g}"
+        else:
+            verdict, reason = (
+                CANNOT_TELL,
+                f"{what} is {rho.text()}, but a shuffle of the heads gives as much (p = {p:.2g})",
+            )
+    else:
+        verdict, reason = threshold_verdict(rho, limit, False, what)
+    heads = int(np.isfinite(first.mean_attention_distance).sum())
+    direction = (
+        "the more locally a head attends, the more it resembles"
+        if rho.value < 0
+        else "local heads do not resemble more"
+    )
+    statement = (
+        f"Over the {heads} heads, {direction} the lower layers of {named(cnn)} (rank correlation {rho.text(2)})."
+    )
+    figures = figures_of(analysis, first, ("attention/heads_vs_reference",), View(run=first.run or side.label))
+    return Finding(*header, verdict, reason, statement, numbers, figures)

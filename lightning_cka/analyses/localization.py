@@ -21,6 +21,18 @@ from typing_extensions import override
 from lightning_cka.engine import options as check
 from lightning_cka.engine.analysis import Analysis, Field, Minibatch, ProbeSetup, View
 from lightning_cka.figures.spec import Figure, Heatmap
+from lightning_cka.findings import (
+    NOT_MEASURED,
+    Criterion,
+    Estimate,
+    Evidence,
+    Finding,
+    Side,
+    figures_of,
+    per_side,
+    side_estimate,
+    threshold_verdict,
+)
 from lightning_cka.stats import WEIGHTINGS
 
 if TYPE_CHECKING:
@@ -198,6 +210,19 @@ class Localization(Analysis):
             "localization/own_position_cka": diagonal,
         }
 
+    criteria = (
+        Criterion(
+            "own_share",
+            0.5,
+            "share of the layer's token positions whose most CKA-similar input patch is their own: above it the "
+            "tokens are localized",
+        ),
+    )
+
+    @override
+    def findings(self, evidence: Evidence) -> list[Finding]:
+        return per_side(evidence, lambda side: _localized(self, side, evidence))
+
 
 def localization_summary(matrix: np.ndarray, grid: tuple[int, int], stride: float) -> tuple[float, float, float]:
     """``(own-position fraction, mean offset in pixels, mean own-position CKA)`` of a ``(P, P)`` localization.
@@ -249,3 +274,50 @@ def maps_panels(matrix: np.ndarray, grid: tuple[int, int]) -> tuple[Heatmap, ...
             )
         )
     return tuple(panels)
+
+
+# ------------------------------------------------------------------------------------------------------------ findings
+
+LOCALIZED = ("localization.tokens_localized", "The tokens of a high layer know where they are")
+LOCALIZED_PAPER = (
+    "The tokens of a class-token ViT's higher layers stay most similar to their own input patch; a ViT trained with "
+    "global average pooling localizes less (Raghu et al. 2021, Figures 9-10)."
+)
+
+
+def _summary(result: CKAResult) -> tuple[float, float, float]:
+    if result.localization is None or result.localization_grid is None:
+        return float("nan"), float("nan"), float("nan")
+    stride = float(result.localization_stride if result.localization_stride is not None else np.nan)
+    grid = tuple(int(g) for g in result.localization_grid)
+    return localization_summary(np.asarray(result.localization, dtype=np.float64), grid, stride)
+
+
+def _localized(analysis: Localization, side: Side, evidence: Evidence) -> Finding:
+    first = side.last[0]
+    header = (*LOCALIZED, LOCALIZED_PAPER)
+    if first.localization is None:
+        return Finding(
+            *header,
+            NOT_MEASURED,
+            "the localization analysis did not run",
+            needs="the localization analysis: CKAMonitor(analyses=['default', 'localization']) (examples/train.py "
+            "--localization)",
+        )
+    own = side_estimate(side, lambda r: Estimate(_summary(r)[0]))
+    offset = side_estimate(side, lambda r: Estimate(_summary(r)[1]))
+    diagonal = side_estimate(side, lambda r: Estimate(_summary(r)[2]))
+    what = f"share of {first.localization_layer}'s positions most similar to their own input patch"
+    verdict, reason = threshold_verdict(own, evidence.criterion(analysis, "own_share"), True, what)
+    statement = (
+        f"{own.percent()} of the positions of {first.localization_layer} are most CKA-similar to their own input "
+        f"patch ({first.localization_input}); the most similar patch is {offset.text(1)} px away on average, and the "
+        f"CKA with the own patch is {diagonal.text(2)}."
+    )
+    numbers = [
+        (what, own.percent(basis=True)),
+        ("mean distance to the most similar input patch", offset.text(1, " px", basis=True)),
+        ("CKA of a token with its own input patch", diagonal.text(basis=True)),
+    ]
+    figures = figures_of(analysis, first, ("localization/maps",), View(run=first.run or side.label))
+    return Finding(*header, verdict, reason, statement, numbers, figures)

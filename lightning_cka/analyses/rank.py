@@ -10,6 +10,7 @@ minibatch index (DDP-exact) and averaged; stores ``effective_rank`` (+ ``referen
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import pairwise
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -17,7 +18,22 @@ from typing_extensions import override
 
 from lightning_cka.engine.analysis import Analysis, Field, Minibatch, ProbeSetup, View
 from lightning_cka.figures.spec import Curves, Figure, Line, Series
-from lightning_cka.stats import nanmean
+from lightning_cka.findings import (
+    LEVEL,
+    NOT_MEASURED,
+    Criteria,
+    Criterion,
+    Estimate,
+    Event,
+    Evidence,
+    Finding,
+    Side,
+    figures_of,
+    per_side,
+    side_estimate,
+    threshold_verdict,
+)
+from lightning_cka.stats import nanmean, t_critical
 
 if TYPE_CHECKING:
     import torch
@@ -100,7 +116,8 @@ class EffectiveRank(Analysis):
             if cache is not None and batch.index in cache:
                 ranks = cache[batch.index]
             else:
-                ranks = effective_rank(batch.values[role][tap.key].grams)
+                values = batch.values[role][tap.key]  # a layer's feature count bounds its Gram's rank (cheap if < n)
+                ranks = effective_rank(values.grams, max_ranks=values.features)
                 if cache is not None:
                     cache[batch.index] = ranks
             finite = torch.isfinite(ranks)
@@ -175,6 +192,41 @@ class EffectiveRank(Analysis):
             scalars[f"rank/effective_rank/{name}"] = float(value)
         return scalars
 
+    event_fields = ("effective_rank",)
+    criteria = (
+        Criterion(
+            "collapsed",
+            2.0,
+            "effective rank at or below which a layer's representation counts as collapsed (it varies along about "
+            "that many directions across the probe images)",
+        ),
+        Criterion(
+            "rank_drop",
+            0.5,
+            "a layer's effective rank falling by more than this fraction between two probes is a collapse event",
+        ),
+    )
+
+    @override
+    def findings(self, evidence: Evidence) -> list[Finding]:
+        return per_side(evidence, lambda side: _no_collapse(self, side, evidence))
+
+    @override
+    def events(self, history: Sequence[CKAResult], criteria: Criteria) -> list[Event]:
+        drop = criteria.value(self, "rank_drop")
+        events = []
+        for before, now in pairwise(history):
+            if before.effective_rank is None or now.effective_rank is None or before.layers != now.layers:
+                continue
+            for name, old, new in zip(now.layers, before.effective_rank, now.effective_rank, strict=True):
+                if np.isfinite(old) and np.isfinite(new) and new < (1 - drop) * old:
+                    text = (
+                        f"The effective rank of {name} fell from {old:.1f} to {new:.1f} (by {1 - new / old:.0%}) "
+                        f"since step {before.step}: its representation is collapsing onto fewer directions."
+                    )
+                    events.append(Event(now.step, self.name, "rank_collapse", text, name))
+        return events
+
 
 def _mean_se(per_minibatch: np.ndarray | None, layers: np.ndarray) -> float:
     """Standard error over minibatches of the per-minibatch mean over ``layers``; NaN below 2 usable minibatches.
@@ -214,3 +266,54 @@ def _rank_panel(
         ylim=(0.0, top * 1.12 or 1.0),
     )
     return panel, shown
+
+
+# ------------------------------------------------------------------------------------------------------------ findings
+
+NO_COLLAPSE = ("rank.no_collapse", "No layer's representation has collapsed")
+NO_COLLAPSE_PAPER = (
+    "Not in the paper: the effective rank (RankMe, Garrido et al. 2023) counts the directions a layer's features vary "
+    "along over the probe images; a layer near 1 has collapsed, whatever its CKA says."
+)
+
+
+def _lowest(result: CKAResult, prefix: str = "") -> tuple[float, float, int]:
+    """The lowest effective rank of a model's layers, its standard error, and its layer index."""
+    ranks = result.get(f"{prefix}effective_rank")
+    if ranks is None or not np.isfinite(ranks).any():
+        return float("nan"), float("nan"), -1
+    layer = int(np.nanargmin(ranks))
+    se = result.get(f"{prefix}effective_rank_se")
+    return float(ranks[layer]), float(se[layer]) if se is not None else float("nan"), layer
+
+
+def _no_collapse(analysis: EffectiveRank, side: Side, evidence: Evidence) -> Finding:
+    first = side.last[0]
+    header = (*NO_COLLAPSE, NO_COLLAPSE_PAPER)
+    if first.effective_rank is None:
+        return Finding(
+            *header, NOT_MEASURED, "the rank analysis did not run", needs="the rank analysis (on by default)"
+        )
+
+    def lowest(result: CKAResult) -> Estimate:
+        value, se, _ = _lowest(result)
+        m = int(result.num_minibatches or 0)
+        if not np.isfinite(se) or m < 2:
+            return Estimate(value)
+        return Estimate(value, float(t_critical(LEVEL, m - 1)) * se, f"se over {m} minibatches")
+
+    low = side_estimate(side, lowest)
+    limit = evidence.criterion(analysis, "collapsed")
+    what = "lowest effective rank of a layer"
+    verdict, reason = threshold_verdict(low, limit, True, what)
+    layer = _lowest(first)[2]
+    statement = (
+        f"The layers vary along {np.nanmin(first.effective_rank):.1f} to {np.nanmax(first.effective_rank):.1f} "
+        f"directions (lowest: {first.layers[layer]})."
+    )
+    if first.reference_effective_rank is not None:
+        reference = first.reference_effective_rank
+        statement += f" The reference's layers: {np.nanmin(reference):.1f} to {np.nanmax(reference):.1f}."
+    numbers = [(what, low.text(1, basis=True)), ("mean over layers", f"{nanmean(first.effective_rank):.1f}")]
+    figures = figures_of(analysis, first, ("rank/effective_rank",), View(run=first.run or side.label))
+    return Finding(*header, verdict, reason, statement, numbers, figures)

@@ -19,6 +19,23 @@ from typing_extensions import override
 
 from lightning_cka.engine.analysis import Analysis, Field, Minibatch, ProbeSetup, View
 from lightning_cka.figures.spec import Curves, Figure, Heatmap, Line, Series
+from lightning_cka.findings import (
+    NOT_MEASURED,
+    PARTLY,
+    SHOWS,
+    Criterion,
+    Estimate,
+    Evidence,
+    Finding,
+    Side,
+    architecture,
+    figures_of,
+    named,
+    per_side,
+    side_estimate,
+    threshold_verdict,
+    transformer,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -107,12 +124,15 @@ class ResidualRatio(Analysis):
                 )
         if "model" not in self._sites:
             model = self._models["model"]
-            kinds = sorted({type(model.modules[name]).__name__ for name in self._skipped["model"]})
-            without_skip = any(why == NO_SKIP for why in self._skipped["model"].values())
+            skipped = self._skipped["model"]
+            kinds = sorted({type(model.modules[name]).__name__ for name in skipped})
+            reasons = list(dict.fromkeys(skipped.values()))
+            shown = "; ".join(reasons[:3]) + ("; ..." if len(reasons) > 3 else "")
             return (
-                f"no monitored layer is a residual block whose stream and branch it knows ({', '.join(kinds)}"
-                f"{'; blocks without a skip connection' if without_skip else ''}); it knows the blocks of timm's "
-                "ViT, Swin, ResNet, ConvNeXt and EfficientNet and torchvision's ResNet"
+                f"no monitored layer is a residual block whose stream and branch it knows ({', '.join(kinds)}: "
+                f"{shown or 'no layer'}); monitor the residual blocks of a timm ViT, Swin, ResNet, ConvNeXt or "
+                "EfficientNet, of torchvision's ViT, Swin, ResNet, EfficientNet or ConvNeXt, or of Hugging Face's ViT, "
+                "DeiT, Dinov2, Swin, ConvNext or ResNet (layers='auto' finds them)"
             )
         self._taps = {role: ResidualTap(sites) for role, sites in self._sites.items()}
         self._branch_names = {
@@ -245,6 +265,27 @@ class ResidualRatio(Analysis):
             scalars["residual/cls_vs_patch_upper"] = _finite_mean(excess[half:])
         return scalars
 
+    criteria = (
+        Criterion(
+            "cls_excess",
+            0.0,
+            "mean log10 of the class token's stream-to-branch ratio over the patch tokens' in the lower half of the "
+            "blocks: above it the skip connections carry the class token there",
+        ),
+        Criterion(
+            "vit_over_cnn",
+            2.0,
+            "how many times higher the ViT's geometric-mean stream-to-branch ratio must be than the CNN's",
+        ),
+    )
+
+    @override
+    def findings(self, evidence: Evidence) -> list[Finding]:
+        return [
+            *per_side(evidence, lambda side: _cls_rides_skip(self, side, evidence)),
+            *per_side(evidence, lambda side: _vit_vs_cnn(self, side, evidence)),
+        ]
+
 
 def _branch_mean(values: np.ndarray) -> float:
     """Geometric mean over a block's branches; ``inf`` when a branch is exactly zero, NaN when none has a ratio."""
@@ -357,10 +398,130 @@ def _caption(part: CKAResult) -> str:
     zero = int(np.isposinf(ratio).sum())
     text = (
         "How much of each token passes through the skip connection: the norm of the residual stream over the norm of "
-        "what a branch adds, log10 (2: the stream is 100 times larger). Raghu et al. 2021: in ViTs the class token "
-        "rides the skip connections in the lower half and the patch tokens in the upper half; ViT ratios are far "
-        "higher than ResNet ones."
+        "what a branch adds, log10 (2: the stream is 100 times larger)."
     )
+    if _has_cls(part):
+        text += (
+            " Raghu et al. 2021: in ViTs the class token rides the skip connections in the lower half and the patch "
+            "tokens in the upper half; ViT ratios are far higher than ResNet ones."
+        )
+    elif np.asarray(part.residual_ratio).shape[-1] > 1:
+        text += " This model has no class token: the paper's class-token pattern does not apply; its ratios can be set "
+        text += "against a CNN's (the paper: ViT ratios are far higher than ResNet ones)."
+    else:
+        text += " Raghu et al. 2021: a ResNet's ratios are far lower than a ViT's (its branches change more)."
     if zero:
         text += f" {zero} branch(es) are exactly zero (infinite ratio: dots, gaps in the curves), e.g. zero-init BN."
+    skipped = [s for s in part.residual_skipped or [] if "no skip connection" in s]
+    if skipped:
+        total = len(skipped) + len(part.residual_blocks)
+        names = ", ".join(s.split(":")[0] for s in skipped[:4]) + (", ..." if len(skipped) > 4 else "")
+        text += f" {len(skipped)} of {total} blocks have no skip connection and are not shown ({names})."
     return text
+
+
+# ------------------------------------------------------------------------------------------------------------ findings
+
+CLS_SKIP = ("residual.cls_rides_skip", "Skip connections carry the class token in the lower half")
+CLS_SKIP_PAPER = (
+    "In the lower half of a class-token ViT the skip connections carry the class token (its stream-to-branch norm "
+    "ratio is far above the patch tokens'), in the upper half the patch tokens (Raghu et al. 2021, Figure 7)."
+)
+VIT_VS_CNN = ("residual.vit_vs_cnn", "Skip connections matter more in the ViT than in the CNN")
+VIT_VS_CNN_PAPER = "The stream-to-branch norm ratios of ViTs are far higher than those of ResNets (Figure 7)."
+
+
+def cls_excess(result: CKAResult) -> tuple[float, float]:
+    """Mean ``log10`` of the class token's ratio over the patch tokens', in the lower and the upper half of blocks."""
+    scalars = result.scalars()
+    return (
+        scalars.get("residual/cls_vs_patch_lower", float("nan")),
+        scalars.get("residual/cls_vs_patch_upper", float("nan")),
+    )
+
+
+def stream_ratio(part: CKAResult) -> float:
+    """The geometric mean of a model's stream-to-branch ratios over its blocks, branches and patch tokens."""
+    patch = part.residual_ratio_patch
+    if patch is None:
+        return float("nan")
+    finite = np.asarray(patch, dtype=np.float64)
+    finite = finite[np.isfinite(finite) & (finite > 0)]
+    return float(np.exp(np.log(finite).mean())) if finite.size else float("nan")
+
+
+def _cls_rides_skip(analysis: ResidualRatio, side: Side, evidence: Evidence) -> Finding:
+    first = side.last[0]
+    header = (*CLS_SKIP, CLS_SKIP_PAPER)
+    if first.residual_ratio is None:
+        return Finding(*header, NOT_MEASURED, "no residual block was measured", needs="a ViT (or ResNet) as the model")
+    if not _has_cls(first):
+        who = named(architecture(first))
+        why = f"{who} has no class token" if transformer(first) else f"{who} is not a ViT with a class token"
+        return Finding(
+            *header,
+            NOT_MEASURED,
+            why,
+            needs="a ViT that classifies from its class token (timm global_pool='token'; examples/train.py "
+            "--global-pool token)",
+        )
+    lower = side_estimate(side, lambda r: Estimate(cls_excess(r)[0]))
+    upper = side_estimate(side, lambda r: Estimate(cls_excess(r)[1]))
+    what = "log10 of the class token's ratio over the patch tokens', lower half"
+    verdict, reason = threshold_verdict(lower, evidence.criterion(analysis, "cls_excess"), True, what)
+    if verdict == SHOWS and not upper.value < lower.value:
+        verdict, reason = PARTLY, f"{reason}, but the upper half's is not lower ({upper.text()})"
+    statement = (
+        f"In the lower half the class token's stream is {10**lower.value:.2g} times as large, relative to its "
+        f"branches, as the patch tokens' (log10 {lower.text(2)}); in the upper half {10**upper.value:.2g} times "
+        f"(log10 {upper.text(2)})."
+    )
+    numbers = [(what, lower.text(basis=True)), ("the same, upper half", upper.text(basis=True))]
+    if len(side.runs) == 1:
+        numbers.append(("uncertainty", "one run: no error bar (the ratios are means over all probe images)"))
+    figures = figures_of(analysis, first, ("residual/norm_ratio",), View(run=first.run or side.label))
+    return Finding(*header, verdict, reason, statement, numbers, figures)
+
+
+def _vit_vs_cnn(analysis: ResidualRatio, side: Side, evidence: Evidence) -> Finding:
+    first = side.last[0]
+    header = (*VIT_VS_CNN, VIT_VS_CNN_PAPER)
+    kinds = transformer(first), transformer(first, "reference")
+    if (
+        first.residual_ratio is None
+        or first.reference_residual_ratio is None
+        or kinds not in ((True, False), (False, True))
+    ):
+        return Finding(
+            *header,
+            NOT_MEASURED,
+            "the runs do not hold the skip-connection ratios of both a ViT and a CNN",
+            needs="a ViT with a CNN reference that has skip connections (a ResNet, ConvNeXt or EfficientNet)",
+        )
+    vit_role, cnn_role = ("model", "reference") if kinds[0] else ("reference", "model")
+
+    def log_ratio(result: CKAResult) -> Estimate:
+        return Estimate(np.log10(stream_ratio(result.part(vit_role)) / stream_ratio(result.part(cnn_role))))
+
+    difference = side_estimate(side, log_ratio)
+    vit, cnn = named(architecture(first, vit_role)), named(architecture(first, cnn_role))
+    if not np.isfinite(difference.value):
+        reason = (
+            f"the ratios of {vit} or {cnn} are not finite: branches that add exactly zero (zero-initialized batch norm "
+            "in an untrained CNN) make them infinite"
+        )
+        return Finding(
+            *header, NOT_MEASURED, reason, needs="trained models (or ones without zero-initialized branches)"
+        )
+    factor = evidence.criterion(analysis, "vit_over_cnn")
+    what = f"log10 of {vit}'s geometric-mean ratio over {cnn}'s"
+    verdict, reason = threshold_verdict(difference, float(np.log10(factor)), True, what)
+    statement = (
+        f"The residual stream is {stream_ratio(first.part(vit_role)):.3g} times as large as a branch's output in "
+        f"{vit} (geometric mean over blocks, branches and tokens) and {stream_ratio(first.part(cnn_role)):.3g} times "
+        f"in {cnn}: {10**difference.value:.2g} times higher in {vit}."
+    )
+    figures = figures_of(
+        analysis, first, ("residual/norm_ratio", "residual/reference_norm_ratio"), View(run=first.run or side.label)
+    )
+    return Finding(*header, verdict, reason, statement, [(what, difference.text(basis=True))], figures)

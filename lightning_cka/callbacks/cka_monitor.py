@@ -23,6 +23,7 @@ from lightning_cka.engine import options as check
 from lightning_cka.engine.analysis import Analysis, View, describe_error, json_ready
 from lightning_cka.engine.engine import ProbeBatch, ProbeEngine
 from lightning_cka.engine.models import ProbedModel
+from lightning_cka.findings import Criteria, Event
 from lightning_cka.probe_data.batches import MIN_BATCH, extract_inputs, extract_labels, minibatch_slices
 from lightning_cka.probe_data.sample import Probe, save_probe
 from lightning_cka.probe_data.sampler import NoProbeSource, ProbeSampler
@@ -30,6 +31,9 @@ from lightning_cka.reference import Reference
 from lightning_cka.result import CKAResult
 from lightning_cka.taps.grams import REDUCTIONS, Reduction, token_layout
 from lightning_cka.taps.layers import LayerSpec, find_layers, named_modules
+from lightning_cka.taps.unwrap import classifier_pool
+
+MIN_JACKKNIFE = 4  # minibatches below which the monitor warns that the standard errors are unreliable
 
 try:  # the same callback must pass isinstance checks of `lightning.pytorch` when users import Lightning that way
     import lightning.pytorch as _lightning_pytorch
@@ -99,6 +103,10 @@ class CKAMonitor(*_CALLBACK_BASES):  # type: ignore[misc]
         label_key: key of the labels in dict batches.
         seed: seed of the probe sample and of the null's permutations.
         name: distinguishes several monitors on one Trainer: prefixes tags and names the array folder and state key.
+        criteria: thresholds of the events the monitor notices (a head becoming local, a block that stopped changing,
+            a collapse, ...), by ``"<analysis>.<key>"``: ``{"attention.hysteresis": 0.2}``; docs/report.md lists
+            them with their defaults. Each event is logged as TensorBoard text and an ``events/<kind>`` scalar, and
+            stored in the probe's file.
 
     Example::
 
@@ -129,6 +137,7 @@ class CKAMonitor(*_CALLBACK_BASES):  # type: ignore[misc]
         label_key: str | None = None,
         seed: int = 0,
         name: str | None = None,
+        criteria: dict[str, float] | None = None,
     ) -> None:
         try:
             self._validate_init_configuration(
@@ -139,6 +148,9 @@ class CKAMonitor(*_CALLBACK_BASES):  # type: ignore[misc]
             resolved = resolve_analyses(analyses)
             for analysis, _ in resolved:
                 json_ready(f"CKAMonitor: the options of the {analysis.name} analysis", analysis.describe())
+            if criteria is not None and not isinstance(criteria, dict):
+                raise ValueError(f"criteria must be a dict of '<analysis>.<key>': number, got {criteria!r}.")
+            self._criteria = Criteria(criteria, [analysis for analysis, _ in resolved])
             self.log_images = check.flag("CKAMonitor", "log_images", log_images)
             self.save_arrays = check.flag("CKAMonitor", "save_arrays", save_arrays)
             self.input_key = check.optional_text("CKAMonitor", "input_key", input_key, "a dict key")
@@ -154,6 +166,7 @@ class CKAMonitor(*_CALLBACK_BASES):  # type: ignore[misc]
             self.every_n_epochs = 1
         self.batch_size, self.layers, self.reduction, self.name = batch_size, layers, reduction, name
         self.seed = self.sampler.seed
+        self.criteria = dict(criteria or {})
 
         # Saved in checkpoints: the cadence, the identity of the probe, the settings (plain types only).
         self._last_probe_step: int | None = None
@@ -176,6 +189,8 @@ class CKAMonitor(*_CALLBACK_BASES):  # type: ignore[misc]
         self._writer: ProbeWriter | None = None
         self._said: set[Any] = set()
         self._left_out: dict[str, str] = {}  # analyses out of this fit, with the reason
+        self._pool, self._train_examples = "", 0  # what the classifier reads; the training set's size (0: unknown)
+        self._history: list[CKAResult] = []  # this fit's probes, holding only what the analyses' events read
 
     def _validate_init_configuration(
         self,
@@ -269,9 +284,12 @@ class CKAMonitor(*_CALLBACK_BASES):  # type: ignore[misc]
         self._restored = False
         self._fit_probes = 0
         self._previous = None
+        self._history = []
         self._said = set()
         self._left_out = {}
         self._engine = None
+        self._pool = classifier_pool(pl_module)
+        self._train_examples = 0
         models = [
             ProbedModel(
                 "model",
@@ -326,6 +344,7 @@ class CKAMonitor(*_CALLBACK_BASES):  # type: ignore[misc]
             self._writer = ProbeWriter(self._view, list(trainer.loggers), prefix, self.log_images, self._warn)
         # Lightning counts the last epoch as done before on_train_end: keep the epoch of the latest weights.
         self._epoch = trainer.current_epoch
+        self._train_examples = _train_examples(trainer)
         probe = self._draw_probe(trainer)
         if probe is None:
             self._engine = None  # said once; training goes on unwatched
@@ -429,6 +448,9 @@ class CKAMonitor(*_CALLBACK_BASES):  # type: ignore[misc]
             "seed": self.seed,
             "name": self.name,
             "left_out": dict(self._left_out),
+            "pool": self._pool,
+            "train_examples": self._train_examples,
+            "criteria": dict(self.criteria),
         }
 
     def _draw_probe(self, trainer: Any) -> Probe | None:
@@ -465,6 +487,13 @@ class CKAMonitor(*_CALLBACK_BASES):  # type: ignore[misc]
         images = trainer.strategy.precision_plugin.convert_input(probe.images)
         slices = minibatch_slices(images.shape[0], self.batch_size)
         self._num_minibatches, self._num_examples = len(slices), images.shape[0]
+        if len(slices) < MIN_JACKKNIFE:
+            self._warn(
+                f"CKAMonitor: the probe's {images.shape[0]} images make {len(slices)} minibatch(es) of batch_size="
+                f"{self.batch_size}: the standard errors rest on the jackknife over minibatches and are unreliable "
+                f"below {MIN_JACKKNIFE} (none with 1). Use batch_size <= {max(MIN_BATCH, images.shape[0] // 8)} "
+                "(8 minibatches) or a larger probe_size."
+            )
         labels = probe.labels
         return [
             ProbeBatch(
@@ -550,16 +579,38 @@ class CKAMonitor(*_CALLBACK_BASES):  # type: ignore[misc]
 
     def _write(self, result: CKAResult, seconds: float) -> None:
         """Arrays first (before the probe counts in a checkpoint), then scalars and pictures; never raises."""
+        events = self._events(result)
         try:
             if self._array_dir is not None:
                 self._writer.save_arrays(result, self._array_dir / f"step_{result.step:07d}.npz")
             prefix = f"{self.name}/" if self.name else ""
-            scalars = {"cka/probe_seconds": seconds, **result.scalars(self._view)}
+            scalars = {"cka/probe_seconds": seconds, **result.scalars(self._view), **_event_counts(events)}
             finite = {prefix + tag: float(value) for tag, value in scalars.items() if math.isfinite(value)}
             self._writer.publish(result, self._previous, finite)
         except Exception as err:  # a bug in an analysis's figures or scalars must not stop training either
             self._warn(f"CKAMonitor: the results of step {result.step} could not be logged ({err!r}).")
         self._previous = result
+
+    def _events(self, result: CKAResult) -> list[Event]:
+        """The events of this probe, stored in its result (and so in its file) and told on the console."""
+        keys = {key for analysis in result.analyses for key in analysis.event_fields} | {"layers", "reference_layers"}
+        try:
+            thin = {key: result.get(key) for key in keys if result.get(key) is not None}
+            self._history.append(CKAResult(thin, analyses=result.analyses, step=result.step))
+            events = [
+                event
+                for analysis in result.analyses
+                for event in analysis.events(self._history, self._criteria)
+                if event.step == result.step
+            ]
+        except Exception as err:  # an analysis's events must not stop training either
+            self._warn(f"CKAMonitor: the events of step {result.step} could not be read ({err!r}).")
+            return []
+        if events:
+            result.events = json.dumps([event.as_dict() for event in events])
+            who = f"CKAMonitor{f' {self.name}' if self.name else ''}"
+            rank_zero_info("\n".join(f"{who}, step {result.step}: {event.text}" for event in events))
+        return events
 
     def _close_writer(self) -> None:
         if self._writer is not None:
@@ -590,3 +641,24 @@ def _run_label(trainer: Any) -> str:
     name, version = getattr(logger, "name", None), getattr(logger, "version", None)
     version = f"version_{version}" if isinstance(version, int) else version
     return "/".join(str(part) for part in (name, version) if part not in (None, ""))
+
+
+def _train_examples(trainer: Any) -> int:
+    """Examples in the training set(s), when the dataloaders' datasets have a length (0: unknown)."""
+    loader = trainer.train_dataloader
+    loaders = getattr(loader, "flattened", None) or [loader]
+    total = 0
+    for one in loaders:
+        try:
+            total += len(one.dataset)
+        except (AttributeError, TypeError):  # an iterable dataset, or no dataloader at all
+            return 0
+    return total
+
+
+def _event_counts(events: list[Event]) -> dict[str, float]:
+    """``events/<kind>``: how many events of each kind this probe noticed (a marker on the scalar plots)."""
+    counts: dict[str, float] = {}
+    for event in events:
+        counts[f"events/{event.kind}"] = counts.get(f"events/{event.kind}", 0.0) + 1.0
+    return counts

@@ -9,7 +9,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from lightning_cka.cli import analyze, compare, export, plot, summary
+from lightning_cka.cli import analyze, compare, export, plot, report, summary
 from lightning_cka.cli.errors import CLIError
 
 
@@ -41,6 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
         "2021, for training runs logged by CKAMonitor and for trained checkpoints.",
     )
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
-    for module in (summary, compare, plot, analyze, export):
+    for module in (summary, compare, plot, analyze, export, report):
         module.add_command(commands)
     return parser

@@ -48,6 +48,12 @@ def add_command(commands: Any) -> None:
         action="store_true",
         help="compare runs whose probe images differ (the figure says so); by default that is an error",
     )
+    parser.add_argument(
+        "--allow-different-references",
+        action="store_true",
+        help="compare runs whose reference models differ (e.g. trained and untrained; every caption says so); by "
+        "default that is an error",
+    )
     add_local_threshold(parser)
     parser.set_defaults(handler=_main)
 
@@ -74,14 +80,20 @@ def compare(specs_a: list[str], specs_b: list[str], args: argparse.Namespace) ->
     runs_a, runs_b = [read_run(s) for s in specs_a], [read_run(s) for s in specs_b]
     step_ = _common_step([*runs_a, *runs_b], args.step)
     probes_a, probes_b = [r.probe(step_) for r in runs_a], [r.probe(step_) for r in runs_b]
+    if args.labels and args.labels[0] == args.labels[1]:
+        raise CLIError(f"--labels names both sides {args.labels[0]!r}: give two different names.")
     labels = args.labels or _labels(runs_a, runs_b)
     _check_layers(probes_a + probes_b, runs_a + runs_b)
-    note = _check_probes(probes_a + probes_b, runs_a + runs_b, args.allow_different_probes)
+    notes = (
+        _check_probes(probes_a + probes_b, runs_a + runs_b, args.allow_different_probes),
+        _check_references(probes_a + probes_b, runs_a + runs_b, args.allow_different_references),
+    )
+    note = " ".join(n for n in notes if n)
     groups = []
     for label, runs, probes in ((labels[0], runs_a, probes_a), (labels[1], runs_b, probes_b)):
         views = [View(run=r.label, local_threshold=args.local_threshold) for r in runs]
         figures = [p.figures(None, v) for p, v in zip(probes, views, strict=True)]
-        groups.append(Group(label, figures, [p.num_minibatches or 1 for p in probes]))
+        groups.append(Group(label, figures))
     try:
         figures = compare_groups(*groups, alpha=args.alpha, note=note)
     except ValueError as err:
@@ -135,13 +147,80 @@ def _common_step(runs: list, wanted: int | str) -> int | str:
 
 
 def _labels(runs_a: list, runs_b: list) -> list[str]:
-    def side(runs: list, fallback: str) -> str:
+    """How the two sides are named: a run's name, or ``A (3 runs)``; never the same name for both.
+
+    Two runs of the same name (``vit/version_0`` under two experiment folders) take as many parent folders as tell
+    them apart (``trained/vit/version_0``); failing that, ``A: name`` and ``B: name``.
+    """
+
+    def side(runs: list, fallback: str, extra: int) -> str:
         if len(runs) > 1:
             return f"{fallback} ({len(runs)} runs)"
-        return runs[0].label or fallback
+        return _run_name(runs[0], extra) or fallback
 
-    labels = [side(runs_a, "A"), side(runs_b, "B")]
-    return labels if labels[0] != labels[1] else ["A", "B"]
+    for extra in range(4):
+        labels = [side(runs_a, "A", extra), side(runs_b, "B", extra)]
+        if labels[0] != labels[1]:
+            return labels
+    name = side(runs_a, "A", 0)
+    return [f"A: {name}", f"B: {name}"]
+
+
+def _run_name(run: Any, extra: int) -> str:
+    """The run's label with ``extra`` more parent folders in front of it."""
+    label = run.label
+    if not extra or not label or not run.folders:
+        return label
+    folder = run.folders[-1]
+    folder = (folder.parent if folder.name == "cka" else folder).resolve()
+    parts = folder.parts[: len(folder.parts) - len(label.split("/"))]
+    parents = [part for part in parts[-extra:] if part not in ("/", "")]
+    return "/".join([*parents, label])
+
+
+def _reference_of(probe: Any) -> tuple[str, str] | None:
+    """``(how figures name the reference, what identifies it)`` of a probe with a reference, else ``None``.
+
+    Identified by what the probe recorded of it: its label (the timm name or checkpoint, trained or not) and the
+    monitor's reference settings (model, weights, pretrained, kwargs, reduction). Probe files hold no fingerprint of
+    the reference's weights, so one checkpoint file overwritten between runs goes unnoticed.
+    """
+    import json
+
+    settings = probe.settings_dict().get("reference") if probe.settings else None
+    settings = settings if isinstance(settings, dict) else {}
+    label = probe.get("reference_label") or ""
+    if not label and not settings and not probe.get("reference_layers"):
+        return None
+    identity = {key: settings.get(key) for key in ("model", "weights", "pretrained", "kwargs", "reduction")}
+    name = label or str(settings.get("model") or "a reference that the file does not name")
+    return name, json.dumps({"label": label, **identity}, sort_keys=True, default=str)
+
+
+def _check_references(probes: list, runs: list, allow: bool) -> str:
+    """Refuse runs whose reference models differ (unless allowed, then say so on every figure)."""
+    from lightning_cka.cli.errors import CLIError
+
+    seen: dict[str, tuple[str, list[str]]] = {}
+    for probe, run in zip(probes, runs, strict=True):
+        reference = _reference_of(probe)
+        if reference is not None:
+            seen.setdefault(reference[1], (reference[0], []))[1].append(run.spec)
+    if len(seen) <= 1:
+        return ""
+    which = "; ".join(f"{name} in {', '.join(specs)}" for name, specs in seen.values())
+    if len({name for name, _ in seen.values()}) < len(seen):  # same label, other settings: show the settings
+        which = "; ".join(f"{key} in {', '.join(specs)}" for key, (_, specs) in seen.items())
+    if not allow:
+        raise CLIError(
+            f"the runs' reference models differ ({which}), so cka/reference and every figure against the reference "
+            "would set different models against each other; compare runs with the same reference or pass "
+            "--allow-different-references."
+        )
+    return (
+        f"Caution: the runs' references differ ({which}; --allow-different-references), so figures against the "
+        "reference compare different models."
+    )
 
 
 def _check_layers(probes: list, runs: list) -> None:
@@ -193,11 +272,12 @@ def compare_lines(
 
     from lightning_cka.cli.headline import group_summary, headline, per_layer, plus_minus
     from lightning_cka.engine.analysis import View
-    from lightning_cka.stats import welch_test
+    from lightning_cka.figures.groups import ONE_RUN, cell_p_values
 
     def spread_word(n: int) -> str:
         return "± sd over runs" if n > 1 else "± jackknife se"
 
+    over_runs = min(len(probes_a), len(probes_b)) >= 2
     lines = []
     for label, runs, probes in ((labels[0], runs_a, probes_a), (labels[1], runs_b, probes_b)):
         where = ", ".join(f"{r.spec} (step {p.step})" for r, p in zip(runs, probes, strict=True))
@@ -210,27 +290,24 @@ def compare_lines(
     }
     tags = [t for t in heads["a"][0] if all(t in h for h in heads["a"] + heads["b"])]
     width = max([len(t) for t in tags] + [24])
+    column = min(max(22, *(len(label) for label in labels)), 40)
+    head_a, head_b = (_fit(label, column) for label in labels)
+    if head_a == head_b:
+        head_a, head_b = _fit(f"A: {labels[0]}", column), _fit(f"B: {labels[1]}", column)
     lines += [
         "",
-        f"{'':<{width}}  {labels[0][:22]:>22}  {labels[1][:22]:>22}  {'A − B':>9}  {'p':>7}",
-        f"{'':<{width}}  {spread_word(len(probes_a)):>22}  {spread_word(len(probes_b)):>22}",
+        f"{'':<{width}}  {head_a:>{column}}  {head_b:>{column}}  {'A − B':>9}  {'p':>7}",
+        f"{'':<{width}}  {spread_word(len(probes_a)):>{column}}  {spread_word(len(probes_b)):>{column}}",
     ]
     for tag in tags:
+        values_a, values_b = ([np.asarray(v) for v in _finite(h[tag][0] for h in heads[side])] for side in "ab")
         a = group_summary([h[tag] for h in heads["a"]])
         b = group_summary([h[tag] for h in heads["b"]])
-        var = [(s**2 / (n if n > 1 else 1)) for (_, s), n in ((a, len(probes_a)), (b, len(probes_b)))]
-        dofs = [
-            n - 1 if n > 1 else max((ps[0].num_minibatches or 2) - 1, 1)
-            for n, ps in ((len(probes_a), probes_a), (len(probes_b), probes_b))
-        ]
-        p = float(
-            welch_test(
-                np.array(a[0]), np.array(var[0]), np.array(dofs[0]), np.array(b[0]), np.array(var[1]), np.array(dofs[1])
-            )
-        )
+        testable = over_runs and min(len(values_a), len(values_b)) >= 2
+        p = float(cell_p_values(values_a, values_b)) if testable else float("nan")
         diff = a[0] - b[0]
         p_text = f"{p:7.3f}" if np.isfinite(p) else f"{'-':>7}"
-        lines.append(f"{tag:<{width}}  {plus_minus(*a, 22)}  {plus_minus(*b, 22)}  {diff:+9.3f}  {p_text}")
+        lines.append(f"{tag:<{width}}  {plus_minus(*a, column)}  {plus_minus(*b, column)}  {diff:+9.3f}  {p_text}")
     distances = [
         per_layer(p, View(local_threshold=fraction_)).get("attention/mean_distance", {}) for p in (*probes_a, *probes_b)
     ]
@@ -242,5 +319,27 @@ def compare_lines(
             a = group_summary([(d[layer], float("nan")) for d in distances[: len(probes_a)]])
             b = group_summary([(d[layer], float("nan")) for d in distances[len(probes_a) :]])
             lines.append(f"{layer:<{name_width}}  {plus_minus(*a, 15)}  {plus_minus(*b, 15)}  {a[0] - b[0]:+8.2f}")
-    lines.append("p: Welch's t of A − B (runs as samples; one run per side: its block-jackknife standard error).")
+    if over_runs:
+        lines.append("p: Welch's t of A − B, the runs as samples.")
+    else:
+        who = "one run per side" if max(len(probes_a), len(probes_b)) == 1 else "one run on a side"
+        lines.append(
+            f"p: none, {who}: {ONE_RUN.replace('no cell is marked', 'no p-value')}. The ± jackknife se of one run "
+            "is how much its probe images move it, not how much another seed would."
+        )
     return lines
+
+
+def _finite(values: Any) -> list[float]:
+    """The finite ones of ``values`` (a run whose number is NaN takes no part in the test)."""
+    import math
+
+    return [float(v) for v in values if math.isfinite(v)]
+
+
+def _fit(label: str, width: int) -> str:
+    """``label`` cut in the middle to ``width`` characters (the start and the run's version both stay)."""
+    if len(label) <= width:
+        return label
+    head = (width - 1) // 2
+    return f"{label[:head]}…{label[len(label) - (width - 1 - head) :]}"

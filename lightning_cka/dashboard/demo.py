@@ -91,7 +91,11 @@ def figures(run: str, step: int, steps: tuple[int, ...] = STEPS) -> list:
 
 
 def write_demo(logdir: Path, steps: tuple[int, ...] = STEPS) -> list[Path]:
-    """Write the three demo runs under ``logdir`` with a real ``SummaryWriter``; return their folders."""
+    """Write the three demo runs under ``logdir``: TensorBoard events and probe files; return their folders.
+
+    The probe files (``<run>/cka/step_<step>.npz``, as the monitor writes them) let the command line read the demo:
+    ``lightning-cka report runs/dashboard-demo/vit-large --vs runs/dashboard-demo/vit-small``.
+    """
     from torch.utils.tensorboard import SummaryWriter
 
     from lightning_cka.dashboard.summaries import write_figures
@@ -101,6 +105,7 @@ def write_demo(logdir: Path, steps: tuple[int, ...] = STEPS) -> list[Path]:
         folder = logdir / run
         writer = SummaryWriter(str(folder))
         for result, _ in probes(run, steps):
+            result.save(folder / "cka" / f"step_{result.step:07d}.npz")
             write_figures(writer, figures(run, result.step, steps), result.step)
             for tag, value in result.scalars().items():
                 if np.isfinite(value):
@@ -118,6 +123,7 @@ def main() -> None:
     for folder in write_demo(args.logdir):
         print(folder)
     print(f"tensorboard --logdir {args.logdir} --samples_per_plugin lightning_cka=0")
+    print(f"lightning-cka report {args.logdir}/vit-large --vs {args.logdir}/vit-small --out demo-report.html")
 
 
 if __name__ == "__main__":

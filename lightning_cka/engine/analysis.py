@@ -11,7 +11,7 @@ import importlib
 import inspect
 import json
 import re
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from torch import Tensor, device
 
     from lightning_cka.engine.models import ProbedModel
+    from lightning_cka.findings import Criteria, Criterion, Event, Evidence, Finding
     from lightning_cka.result import CKAResult
     from lightning_cka.taps.base import Tap
 
@@ -122,7 +123,10 @@ class Analysis:
     rank in the same order (the only collective calls: metric syncs), and :meth:`finalize`, which turns the reduced
     states into the fields it declares. :meth:`figures` and :meth:`scalars` read those fields back from a
     :class:`lightning_cka.CKAResult`, so the monitor, ``CKAResult.plot()``, the command line and the dashboard draw
-    the same pictures from a live probe or from its ``.npz`` file.
+    the same pictures from a live probe or from its ``.npz`` file. :meth:`findings` states what the probes say about
+    the paper's findings, with a verdict by the :attr:`criteria` it declares, for ``lightning-cka report``;
+    :meth:`events` notices moments of training (the monitor logs them as they happen, the report's timeline lists
+    them).
 
     Attributes:
         name: the analysis's name: its key in files and the name users pass.
@@ -130,6 +134,9 @@ class Analysis:
         default: whether ``CKAMonitor`` and ``compare_models`` run it when no analyses are given.
         position: where its fields and figures come among the default analyses (smaller first).
         needs_labels: it needs the probe's class labels (the monitor checks that the probe has them).
+        criteria: the thresholds its verdicts and events rest on, with their defaults (overridable by
+            ``"<name>.<key>"``).
+        event_fields: the fields its :meth:`events` read; the monitor keeps them from every probe of a fit.
     """
 
     name: ClassVar[str]
@@ -137,6 +144,8 @@ class Analysis:
     default: ClassVar[bool] = False
     position: ClassVar[int] = 1000
     needs_labels: ClassVar[bool] = False
+    criteria: ClassVar[tuple[Criterion, ...]] = ()
+    event_fields: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -204,6 +213,18 @@ class Analysis:
     def scalars(self, result: CKAResult, view: View) -> dict[str, float]:
         """The probe's headline numbers by tag, for every logger and the command line's tables."""
         return {}
+
+    def findings(self, evidence: Evidence) -> list[Finding]:
+        """What the probes of ``evidence`` (one side, or A against B) say about the paper's findings, with verdicts."""
+        return []
+
+    def events(self, history: Sequence[CKAResult], criteria: Criteria) -> list[Event]:
+        """The moments worth telling over the probes of one run (``history``: its probes in order of step).
+
+        The monitor passes every probe of the fit so far, holding only the :attr:`event_fields`, and logs the events
+        of the newest; the report passes every probe of a run. Both therefore see the same events.
+        """
+        return []
 
 
 class UnresolvedAnalysis(Analysis):

@@ -51,6 +51,7 @@ def cka_panel(
         null=null,
         marked=marked,
         mark_label=NULL_MARK if marked is not None else "",
+        joint=joint,
     )
 
 

@@ -4,14 +4,18 @@ Every figure of a probe compares the same way by its panels' kinds, so every ana
 own: heatmaps become the two group means and their difference A - B with the cells that differ significantly marked;
 curves, dots and scatters overlay both groups with their spread.
 
-Significance per cell: Welch's t on the difference of the group means, with each side's variance of its mean either
-``s² / n`` over its ``n >= 2`` runs (``n - 1`` degrees of freedom) or, for a single run, its block-jackknife ``se²``
-(``M - 1`` degrees of freedom over its ``M`` minibatches); Benjamini-Hochberg across the cells of one heatmap keeps
-the false discovery rate at ``alpha``.
+Significance per cell: Welch's t on the difference of the group means, each side's variance of its mean ``s² / n``
+over its ``n >= 2`` runs (``n - 1`` degrees of freedom); Benjamini-Hochberg across the cells of one heatmap keeps the
+false discovery rate at ``alpha``. The diagonal of a heatmap of a model's layers with themselves (``Heatmap.joint``)
+is not tested; that of two models' layers is, even when their layer names are equal (a same-architecture reference).
+
+With a single run on either side nothing is marked: a run's jackknife standard errors say how much its probe images
+move a cell, not how much another seed would, and between two seeds of the same setup they mark most cells. The
+caption says so and how many seeds would do.
 """
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -19,14 +23,23 @@ from lightning_cka.figures.cka import change_panel
 from lightning_cka.figures.spec import Curves, Dots, Figure, Heatmap, Line, Scatter, Series
 from lightning_cka.stats import benjamini_hochberg, welch_test
 
+ONE_RUN = "seed variation unknown, no cell is marked; train 2 or more seeds a side (3 for a claim)"
+
 
 @dataclass
 class Group:
-    """One side of a comparison: a label and, per run, its figures and its jackknife degrees of freedom."""
+    """One side of a comparison: a label and, per run, its figures.
+
+    Attributes:
+        label: how figures name the side.
+        figures: per run, its figures at the compared step.
+        jackknife_dof: per run, its jackknife degrees of freedom (minibatches - 1); no statistic uses it any more
+            (the tests take the runs as samples), kept so that callers that pass it go on working.
+    """
 
     label: str
     figures: list[list[Figure]]
-    jackknife_dof: list[int]
+    jackknife_dof: list[int] = field(default_factory=list)
 
     @property
     def runs(self) -> int:
@@ -77,13 +90,14 @@ def _compare_panels(pa: list, pb: list, a: Group, b: Group, alpha: float) -> lis
 
 def _heatmaps(pa: list[Heatmap], pb: list[Heatmap], a: Group, b: Group, alpha: float) -> list[Heatmap]:
     first = pa[0]
-    mean_a, var_a, dof_a = _group_stats([p.values for p in pa], [p.error for p in pa], a.jackknife_dof)
-    mean_b, var_b, dof_b = _group_stats([p.values for p in pb], [p.error for p in pb], b.jackknife_dof)
+    mean_a, mean_b = np.mean([p.values for p in pa], axis=0), np.mean([p.values for p in pb], axis=0)
     diff = mean_a - mean_b
-    p_values = welch_test(mean_a, var_a, dof_a, mean_b, var_b, dof_b)
-    if first.rows == first.cols:  # a layer with itself is no test
-        np.fill_diagonal(p_values, np.nan)
-    significant = benjamini_hochberg(p_values, alpha)
+    significant = None
+    if min(a.runs, b.runs) >= 2:
+        p_values = cell_p_values([p.values for p in pa], [p.values for p in pb])
+        if any(p.joint for p in pa + pb):  # a layer with itself is no test
+            np.fill_diagonal(p_values, np.nan)
+        significant = benjamini_hochberg(p_values, alpha)
     means = [
         Heatmap(
             m,
@@ -112,20 +126,24 @@ def _heatmaps(pa: list[Heatmap], pb: list[Heatmap], a: Group, b: Group, alpha: f
         "diverging",
         f"difference (scale ±{change.vmax:g})",
         marked=significant,
-        mark_label=f"dot: {a.label} and {b.label} differ (FDR {alpha:g})",
+        mark_label=f"dot: {a.label} and {b.label} differ (FDR {alpha:g})" if significant is not None else "",
     )
     return [*means, change]
 
 
-def _group_stats(
-    values: list[np.ndarray], errors: list[np.ndarray | None], dofs: list[int]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean, variance of the mean and its degrees of freedom: over runs, or one run's jackknife."""
-    stack = np.stack(values)
-    if len(values) >= 2:
-        return stack.mean(axis=0), stack.var(axis=0, ddof=1) / len(values), np.full(stack.shape[1:], len(values) - 1.0)
-    error = errors[0] if errors[0] is not None else np.full(stack.shape[1:], np.nan)
-    return stack[0], np.square(error), np.full(stack.shape[1:], max(dofs[0] - 1, 1.0))
+def cell_p_values(runs_a: Sequence[np.ndarray], runs_b: Sequence[np.ndarray]) -> np.ndarray:
+    """Per cell, the two-sided p-value of Welch's t on the difference of the group means, runs as samples.
+
+    Each side's variance of its mean is ``s² / n`` over its ``n >= 2`` runs, on ``n - 1`` degrees of freedom; NaN
+    where a cell is not finite in every run or neither side varies.
+    """
+    stack_a, stack_b = np.stack(runs_a).astype(np.float64), np.stack(runs_b).astype(np.float64)
+    if len(stack_a) < 2 or len(stack_b) < 2:
+        raise ValueError("a test over runs needs 2 or more runs a side.")
+    stats = [
+        (s.mean(axis=0), s.var(axis=0, ddof=1) / len(s), np.full(s.shape[1:], len(s) - 1.0)) for s in (stack_a, stack_b)
+    ]
+    return welch_test(*stats[0], *stats[1])
 
 
 def _dots(pa: list[Dots], pb: list[Dots], a: Group, b: Group) -> list:
@@ -203,20 +221,29 @@ def _mean_of(group: Group) -> str:
 
 
 def _caption(figure: Figure, a: Group, b: Group, alpha: float) -> str:
+    single = one_run(a, b)
     if not any(isinstance(p, Heatmap) for p in figure.panels):
-        spread = "bars: sd over runs" if max(a.runs, b.runs) > 1 else "bands: one standard error"
-        return f"Both groups overlaid ({spread})."
-    test = (
-        "Welch's t over runs"
-        if min(a.runs, b.runs) > 1
-        else "Welch's t from each run's jackknife standard errors"
-        if max(a.runs, b.runs) == 1
-        else "Welch's t (a side with one run uses its jackknife standard errors)"
-    )
+        spread = (
+            "bars: sd over runs"
+            if max(a.runs, b.runs) > 1
+            else "bands: one standard error over the probe images, not over seeds"
+        )
+        seeds = single.split(":")[0] + ": seed variation unknown" if single else ""
+        return f"Both groups overlaid ({spread})." + (f" {seeds[0].upper()}{seeds[1:]}." if seeds else "")
+    if single:
+        return f"Bottom: the difference of the means. {single[0].upper()}{single[1:]}."
     return (
-        f"Bottom: the difference of the means; dots mark cells where the groups differ ({test}, Benjamini-Hochberg "
-        f"across cells, FDR {alpha:g})."
+        "Bottom: the difference of the means; dots mark cells where the groups differ (Welch's t over runs, "
+        f"Benjamini-Hochberg across cells, FDR {alpha:g})."
     )
+
+
+def one_run(a: Group, b: Group) -> str:
+    """``"one run per side: seed variation unknown, ..."`` when a side has a single run, else ``""``."""
+    if min(a.runs, b.runs) >= 2:
+        return ""
+    who = "one run per side" if max(a.runs, b.runs) == 1 else f"one run of {a.label if a.runs == 1 else b.label}"
+    return f"{who}: {ONE_RUN}"
 
 
 def _subtitle(fa: Figure, fb: Figure, a: Group, b: Group) -> str:

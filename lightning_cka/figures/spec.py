@@ -62,6 +62,8 @@ class Heatmap:
         null: ``(R, C)`` null thresholds (|value| at or below them is what unrelated images give), or ``None``.
         marked: ``(R, C)`` bool, cells drawn with a dot, or ``None``.
         mark_label: what a dot means, for the legend.
+        joint: rows and columns are the same layers of the same model (a layer with itself on the diagonal, where
+            there is nothing to test); ``False`` for two models, even of one architecture with equal layer names.
     """
 
     values: np.ndarray
@@ -78,6 +80,7 @@ class Heatmap:
     null: np.ndarray | None = None
     marked: np.ndarray | None = None
     mark_label: str = ""
+    joint: bool = False
 
 
 @dataclass(frozen=True)
