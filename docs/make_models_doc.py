@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from family_zoo import FAMILIES, fit, models_table  # noqa: E402
+from family_zoo import FAMILIES, fit, models_table
 
-from lightning_cka import CKAResult  # noqa: E402
+from lightning_cka import CKAResult
 
 PAGE = Path(__file__).parent / "models.md"
 BEGIN, END = "<!-- families: begin (docs/make_models_doc.py) -->", "<!-- families: end -->"

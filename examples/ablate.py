@@ -7,9 +7,10 @@
 
 Each side's flags come after the common ones (so a side may override them). The runs go to OUT/<side>-seed<k>/
 (OUT/<side>/ with one seed), named after the labels; `lightning-cka compare` then draws both groups (means, spread and
-the significant differences with 2 or more seeds) into OUT/comparison.png. A folder that already holds any of these is
-refused: nothing of an earlier ablation is overwritten. Flags other than those below go to examples/train.py, for
-every run alike (see docs/examples.md).
+the significant differences with 2 or more seeds) into OUT/comparison.png, and `lightning-cka report` writes what the
+two groups show of the paper's findings, with verdicts, into OUT/report.html (and report.md). A folder that already
+holds any of these is refused: nothing of an earlier ablation is overwritten. Flags other than those below go to
+examples/train.py, for every run alike (see docs/examples.md).
 """
 
 import argparse
@@ -62,7 +63,7 @@ def slug(label: str) -> str:
 def existing(out: Path, sides: Sequence[Side], seeds: int) -> list[Path]:
     """What an ablation into ``out`` would overwrite or mix with: run folders and the comparison of a former one."""
     paths = [out / run_name(side, seed, seeds) for side in sides for seed in range(seeds)]
-    paths += [out / "comparison.png", out / MANIFEST]
+    paths += [out / "comparison.png", out / "report.html", out / MANIFEST]
     return [path for path in paths if path.exists()]
 
 
@@ -91,6 +92,8 @@ def ablate(sides: Sequence[Side], seeds: int, out: Path, step: str, train_args: 
     labels = [side.label_text() for side in sides]
     command = ["compare", *[run["log_dir"] for run in sides[0].runs], "--vs"]
     command += [*[run["log_dir"] for run in sides[1].runs], "--step", step, "--out", str(figure), "--labels", *labels]
+    report = ["report", *[run["log_dir"] for run in sides[0].runs], "--vs"]
+    report += [*[run["log_dir"] for run in sides[1].runs], "--labels", *labels, "--out", str(out / "report.html")]
     manifest = {
         "common_flags": list(train_args),
         "seeds": seeds,
@@ -98,18 +101,21 @@ def ablate(sides: Sequence[Side], seeds: int, out: Path, step: str, train_args: 
             {"label": label, "flags": side.flags, "runs": side.runs} for label, side in zip(labels, sides, strict=True)
         ],
         "compare": ["lightning-cka", *command],
+        "report": ["lightning-cka", *report],
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    status = lightning_cka(command)
-    if status:
-        sys.exit(status)
+    for cli_args in (command, report):
+        status = lightning_cka(cli_args)
+        if status:
+            sys.exit(status)
     for label, side in zip(labels, sides, strict=True):
         accuracies = [run["test_accuracy"] for run in side.runs]
         spread = f" ± {statistics.stdev(accuracies):.3f} sd" if len(accuracies) > 1 else ""
         runs = ", ".join(run["log_dir"] for run in side.runs)
         print(f"{label}: test accuracy {statistics.mean(accuracies):.3f}{spread} ({runs})")
-    print(f"comparison: {figure}\nmanifest: {out / MANIFEST}")
+    print(f"comparison: {figure}\nreport: {out / 'report.html'} (and report.md)\nmanifest: {out / MANIFEST}")
     print(f"rerun the comparison: {shlex.join(['lightning-cka', *command])}")
+    print(f"rerun the report: {shlex.join(['lightning-cka', *report])}")
     print(f"logs of both: tensorboard --logdir {out}")
     return figure
 

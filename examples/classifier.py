@@ -14,6 +14,7 @@ does not).
 
 import math
 from collections.abc import Iterable
+from fnmatch import fnmatchcase
 from typing import Any
 
 import pytorch_lightning as pl
@@ -171,6 +172,11 @@ class ImageClassifier(pl.LightningModule):
         cutmix_alpha: CutMix strength (0: off, 1.0 the usual). With both on, each batch takes one of the two (timm's
             ``switch_prob`` 0.5).
         label_smoothing: of the training targets (mixed or not); validation and test use the hard labels.
+        lr_scale: ``{pattern: factor}``: parameters whose name (in ``self.model``) matches the glob ``pattern``
+            train with ``factor`` times the learning rate (the first matching pattern counts), e.g.
+            ``{"patch_embed.*": 0.1}``.
+        pos_embed: ``"learn"`` (the model's own, learned position embedding) or ``"sincos"``: a ViT's position
+            embedding set to the fixed 2D sine-cosine embedding of MAE (He et al. 2022) and not trained.
     """
 
     def __init__(
@@ -183,10 +189,21 @@ class ImageClassifier(pl.LightningModule):
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
         label_smoothing: float = 0.0,
+        lr_scale: dict[str, float] | None = None,
+        pos_embed: str = "learn",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model = timm.create_model(timm_name, **timm_kwargs)
+        names = [name for name, _ in self.model.named_parameters()]
+        for pattern in lr_scale or {}:
+            if not any(fnmatchcase(name, pattern) for name in names):
+                shown = ", ".join(names[:6])
+                raise ValueError(f"--lr-scale {pattern}: matches no parameter of {timm_name} (its names: {shown}, ...)")
+        if pos_embed == "sincos":
+            set_sincos_pos_embed(self.model)
+        elif pos_embed != "learn":
+            raise ValueError(f"pos_embed must be 'learn' or 'sincos', got {pos_embed!r}.")
         self.num_classes = self.model.num_classes
         self.mixup = None
         if mixup_alpha > 0 or cutmix_alpha > 0:  # timm's defaults otherwise: prob 1, switch_prob 0.5, per batch
@@ -252,7 +269,10 @@ class ImageClassifier(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW with linear warmup and cosine decay to 0 over all training steps, stepped every step."""
-        optimizer = create_optimizer_v2(self.model, "adamw", lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        params = self.model
+        if self.hparams.lr_scale:
+            params = param_groups(self.model, self.hparams.lr, self.hparams.weight_decay, self.hparams.lr_scale)
+        optimizer = create_optimizer_v2(params, "adamw", lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         total = self.trainer.estimated_stepping_batches
         warmup = max(1, int(self.hparams.warmup_fraction * total))
 
@@ -263,6 +283,58 @@ class ImageClassifier(pl.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def sincos_2d(grid: tuple[int, int], dim: int) -> Tensor:
+    """MAE's fixed 2D sine-cosine position embedding, ``(rows * cols, dim)``: half the channels encode the row.
+
+    Each half holds ``dim / 4`` sines and ``dim / 4`` cosines of the coordinate at frequencies ``10000^(-k / (dim/4))``,
+    so every position's vector has norm ``sqrt(dim / 2)`` and nearby positions have the most similar vectors.
+    """
+    if dim % 4:
+        raise ValueError(f"a 2D sine-cosine embedding needs a width divisible by 4, got {dim}.")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
+    parts = []
+    for coordinate in (rows, cols):
+        angles = coordinate.flatten().double()[:, None] * omega[None]
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat(parts, dim=1).float()
+
+
+def set_sincos_pos_embed(model: nn.Module) -> None:
+    """Give a timm ViT the fixed 2D sine-cosine position embedding (zero for its CLS / register tokens), frozen."""
+    if not isinstance(model, VisionTransformer) or model.pos_embed is None:
+        raise ValueError(
+            f"--pos-embed sincos applies to timm ViTs with a position embedding, not {type(model).__name__}."
+        )
+    table = sincos_2d(model.patch_embed.grid_size, model.pos_embed.shape[-1])
+    prefix = model.pos_embed.shape[1] - len(table)  # CLS / register slots (0 with no_embed_class)
+    with torch.no_grad():
+        model.pos_embed.zero_()
+        model.pos_embed[0, prefix:] = table.to(model.pos_embed.dtype)
+    model.pos_embed.requires_grad_(False)
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float, lr_scale: dict[str, float]) -> list[dict[str, Any]]:
+    """Optimizer parameter groups: timm's weight-decay split, each part split again by its learning-rate factor.
+
+    As ``create_optimizer_v2`` does, biases, norms (every parameter of one dimension) and the model's
+    ``no_weight_decay()`` parameters (a ViT's position embedding and CLS token) get no weight decay.
+    """
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    groups: dict[tuple[bool, float], dict[str, Any]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        decay = not (param.ndim <= 1 or name.endswith(".bias") or name in skip)
+        scale = next((factor for pattern, factor in lr_scale.items() if fnmatchcase(name, pattern)), 1.0)
+        group = groups.setdefault(
+            (decay, scale), {"params": [], "lr": lr * scale, "weight_decay": weight_decay if decay else 0.0}
+        )
+        group["params"].append(param)
+    return list(groups.values())
 
 
 def timm_spec(name: str, num_classes: int, extra: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:

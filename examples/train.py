@@ -16,6 +16,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,21 @@ from lightning_cka import CKAMonitor, Reference
 from lightning_cka.taps.grams import REDUCTIONS
 
 DEFAULT_MODEL, DEFAULT_STEPS = "vit_mini_patch4", 300
+
+
+def parse_lr_scale(items: Sequence[str]) -> dict[str, float]:
+    """``PATTERN=FACTOR`` strings as a dict, in their order; a factor is a positive number."""
+    scale = {}
+    for item in items:
+        pattern, sep, factor = item.rpartition("=")
+        try:
+            value = float(factor)
+        except ValueError:
+            value = -1.0
+        if not sep or not pattern or not value > 0:
+            raise ValueError(f"--lr-scale takes PATTERN=FACTOR pairs such as 'patch_embed.*=0.1', got {item!r}.")
+        scale[pattern] = value
+    return scale
 
 
 def parse_model_kwargs(items: Sequence[str]) -> dict[str, Any]:
@@ -111,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="ViTs: remove the skip connection of these blocks' branches: 3 (attention and MLP of block 3), 3:attn, "
         "2:mlp,4 ... (blocks count from 0; x = attn(norm1(x)) instead of x = x + attn(norm1(x)))",
     )
+    data.add_argument(
+        "--pos-embed",
+        choices=("learn", "sincos"),
+        default="learn",
+        help="ViTs: the learned position embedding, or MAE's fixed 2D sine-cosine one (default: learn)",
+    )
     data.add_argument("--dataset", choices=DATASETS, default="digits", help="training data (default: digits)")
     data.add_argument("--data-dir", type=Path, help="dataset folder, for cifar10 and imagefolder")
     size = data.add_mutually_exclusive_group()
@@ -125,6 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default: %(default)s)")
     train.add_argument(
         "--warmup-fraction", type=float, default=0.1, help="warmup share of steps (default: %(default)s)"
+    )
+    train.add_argument(
+        "--lr-scale",
+        nargs="+",
+        default=[],
+        metavar="PATTERN=FACTOR",
+        help="train the parameters whose names match the glob PATTERN with FACTOR times --lr, e.g. "
+        "'patch_embed.*=0.1' pos_embed=10 (the first matching pattern counts)",
     )
     train.add_argument(
         "--cutmix",
@@ -175,7 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--probe-size", type=positive_int, default=256, help="validation images in the probe (default: 256)"
     )
     cka.add_argument(
-        "--cka-batch-size", type=positive_int, default=128, help="minibatch of the CKA estimator (default: 128)"
+        "--cka-batch-size",
+        type=positive_int,
+        default=64,
+        help="minibatch of the CKA estimator; the standard errors need 4 or more minibatches (default: 64)",
     )
     cka.add_argument("--layers", action="append", help="layer names or patterns, repeatable or comma-separated")
     cka.add_argument(
@@ -264,15 +297,25 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}.")
     try:
         args.model_kwargs = parse_model_kwargs(args.model_kwargs)
+        args.lr_scale = parse_lr_scale(args.lr_scale)
     except ValueError as err:
         parser.error(str(err))
-    if args.no_skip:
-        try:  # on the meta device: checks that the model is a ViT with these blocks without allocating weights
+    if args.no_skip or args.lr_scale or args.pos_embed != "learn":
+        try:  # on the meta device: checks --no-skip's blocks and --lr-scale's names without allocating weights
             with torch.device("meta"):
                 name, kwargs = model_spec(args, 10)
-                timm.create_model(name, **kwargs)
+                model = timm.create_model(name, **kwargs)
+                names = [name for name, _ in model.named_parameters()]
         except ValueError as err:
             parser.error(f"--no-skip {','.join(args.no_skip)}: {err}")
+        if args.pos_embed == "sincos" and getattr(model, "pos_embed", None) is None:
+            parser.error(f"--pos-embed sincos applies to ViTs with a position embedding; {args.model} has none.")
+        for pattern in args.lr_scale:
+            if not any(fnmatchcase(name, pattern) for name in names):
+                parser.error(
+                    f"--lr-scale {pattern}: matches no parameter of the model; its names are like "
+                    f"{', '.join(names[:4])}, ..."
+                )
 
 
 def load_data(args: argparse.Namespace) -> tuple[Dataset, Dataset, Dataset, int]:
@@ -407,6 +450,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         mixup_alpha=args.mixup,
         cutmix_alpha=args.cutmix,
         label_smoothing=args.label_smoothing,
+        lr_scale=args.lr_scale or None,
+        pos_embed=args.pos_embed,
     )
     monitor = make_monitor(args, num_classes)
     with warnings.catch_warnings(), quiet_lightning_tips():  # Lightning prints its tip when the Trainer is made

@@ -1,5 +1,6 @@
 import importlib
 import json
+import re
 import logging
 import sys
 from pathlib import Path
@@ -231,6 +232,9 @@ def test_small_vs_large_trains_seeds_of_both_and_compares_the_groups(tmp_path, c
     assert "run 1/4: small (0.05 of the training set), seed 0" in printed and "run 4/4: large" in printed
     assert "plan: test_vit on digits (60 training images), 2 steps" in printed
     assert "± sd over runs" in printed and f"comparison: {figure}" in printed
+    labels = re.findall(r"^((?:small|large), \d+ images): test accuracy", printed, re.MULTILINE)
+    report = (tmp_path / "report.md").read_text()  # the report of both groups, labelled as the runs were printed
+    assert len(labels) == 2 and all(label in report for label in labels)
     with pytest.raises(SystemExit):
         small_vs_large.main(["--train-size", "10"])
     assert "--train-size: set by this script" in capsys.readouterr().err
@@ -432,9 +436,11 @@ def test_ablate_trains_both_sides_compares_and_refuses_to_overwrite(tmp_path, ca
     printed = capsys.readouterr().out
     assert "run 1/2: CutMix (--cutmix), seed 0" in printed and "run 2/2: plain (no extra flags), seed 0" in printed
     assert "CutMix: test accuracy" in printed and f"comparison: {figure}" in printed
+    assert (tmp_path / "ab" / "report.html").stat().st_size > 0 and "report: " in printed
+    assert manifest["report"][:2] == ["lightning-cka", "report"] and "--vs" in manifest["report"]
     with pytest.raises(SystemExit):
         ablate.main(args)
-    assert "already holds CutMix, plain, comparison.png, ablation.json" in capsys.readouterr().err
+    assert "already holds CutMix, plain, comparison.png, report.html, ablation.json" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -467,3 +473,66 @@ def test_ablate_names_and_default_folder():
         ablate.split_side_values(["--a", "--cutmix", "--b", "--mixup 0.2"])
     )
     assert (args.a, args.b, rest) == ("--cutmix", "--mixup 0.2", [])
+
+
+def test_lr_scale_splits_timm_s_weight_decay_groups_by_factor():
+    model = timm.create_model("test_vit", img_size=32)
+    groups = classifier.param_groups(model, 1e-3, 0.05, {"patch_embed.*": 0.1, "pos_embed": 10.0})
+    by_name = {id(p): name for name, p in model.named_parameters()}
+    found = {(round(g["lr"], 9), g["weight_decay"]): sorted(by_name[id(p)] for p in g["params"]) for g in groups}
+    assert found[(1e-2, 0.0)] == ["pos_embed"]  # no weight decay on the position embedding, as timm
+    assert found[(1e-4, 0.05)] == ["patch_embed.proj.weight"]
+    assert found[(1e-4, 0.0)] == ["patch_embed.proj.bias"]
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    assert train.parse_lr_scale(["patch_embed.*=0.1", "pos_embed=10"]) == {"patch_embed.*": 0.1, "pos_embed": 10.0}
+
+
+def test_lr_scale_reaches_the_optimizer(tmp_path, monkeypatch):
+    made = []
+    real = classifier.create_optimizer_v2
+
+    def recorded(params, *args, **kwargs):
+        made.append(real(params, *args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(classifier, "create_optimizer_v2", recorded)
+    flags = [*TINY, "--train-size", "16", "--max-steps", "1", "--cka-every", "0", "--out", str(tmp_path)]
+    summary = train.main([*flags, "--lr", "0.01", "--lr-scale", "pos_embed=3"])
+    hparams = torch.load(summary["checkpoint"], weights_only=True)["hyper_parameters"]
+    assert hparams["lr_scale"] == {"pos_embed": 3.0}
+    (optimizer,) = made
+    assert sorted(round(group["initial_lr"], 9) for group in optimizer.param_groups) == [0.01, 0.01, 0.03]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ["--lr-scale", "pos_x=3"],
+            "--lr-scale pos_x: matches no parameter of the model; its names are like cls_token",
+        ),
+        (["--lr-scale", "pos_embed"], "--lr-scale takes PATTERN=FACTOR pairs such as 'patch_embed.*=0.1'"),
+        (["--lr-scale", "pos_embed=-1"], "got 'pos_embed=-1'"),
+    ],
+)
+def test_bad_lr_scale_names_the_problem(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(flags)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err, err
+
+
+def test_sincos_pos_embed_is_fixed_and_survives_the_checkpoint(tmp_path):
+    table = classifier.sincos_2d((8, 8), 96)
+    assert table.shape == (64, 96) and torch.allclose(table.norm(dim=1), torch.full((64,), 48**0.5))
+    near, far = (torch.nn.functional.cosine_similarity(table[0], table[i], dim=0) for i in (1, 63))
+    assert near > far  # neighbours have the most similar vectors
+    flags = [*TINY, "--train-size", "16", "--max-steps", "2", "--cka-every", "0", "--out", str(tmp_path)]
+    summary = train.main([*flags, "--pos-embed", "sincos"])
+    rebuilt = load_reference(summary["checkpoint"])  # the embedding is in the weights: any process rebuilds it
+    assert torch.count_nonzero(rebuilt.pos_embed[0, 0]) == 0  # the CLS slot
+    torch.testing.assert_close(rebuilt.pos_embed[0, 1:], classifier.sincos_2d(rebuilt.patch_embed.grid_size, 64))
+    module = classifier.ImageClassifier("test_vit", {"img_size": 32, "patch_size": 8}, pos_embed="sincos")
+    assert not module.model.pos_embed.requires_grad
+    with pytest.raises(SystemExit):
+        train.main(["--model", "resnet18_cifar", "--pos-embed", "sincos"])
