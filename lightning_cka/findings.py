@@ -347,10 +347,10 @@ def threshold_verdict(estimate: Estimate, threshold: float, above: bool, what: s
     beyond = low > threshold if above else high < threshold
     short = high <= threshold if above else low >= threshold
     if beyond:
-        return SHOWS, f"{number} is {where} {threshold:g}"
+        return SHOWS, f"{number} is {where} {threshold:.4g}"
     if short:
-        return DOES_NOT, f"{number} is not {where} {threshold:g}"
-    return CANNOT_TELL, f"{number}: its interval holds {threshold:g}"
+        return DOES_NOT, f"{number} is not {where} {threshold:.4g}"
+    return CANNOT_TELL, f"{number}: its interval holds {threshold:.4g}"
 
 
 def combine(verdicts: Sequence[str]) -> str:

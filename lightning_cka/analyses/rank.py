@@ -222,8 +222,9 @@ class EffectiveRank(Analysis):
                 if np.isfinite(old) and np.isfinite(new) and new < (1 - drop) * old:
                     text = (
                         f"The effective rank of {name} fell from {old:.1f} to {new:.1f} (by {1 - new / old:.0%}) "
-                        f"since step {before.step}: its representation now varies along fewer directions (expected in the last "
-                        "layers of a classifier as its classes separate; a warning sign in early layers)."
+                        f"since step {before.step}: its representation now varies along fewer directions "
+                        "(expected in the last layers of a classifier as its classes separate; a warning sign in early "
+                        "layers)."
                     )
                     events.append(Event(now.step, self.name, "rank_collapse", text, name))
         return events

@@ -221,11 +221,15 @@ def _comparisons(a: Side, b: Side, alpha: float) -> tuple[list[Figure], set[str]
         groups.append(Group(side.label, figures, dofs))
         drawn += figures
     same = {tag for tag in {f.tag for f in drawn[0]} if _identical([f for run in drawn for f in run if f.tag == tag])}
-    try:
-        compared = compare_groups(groups[0], groups[1], alpha)
-        return [figure for figure in compared if figure.tag not in same], same, ""
-    except ValueError as err:  # runs of other layers: their figures cannot be set cell by cell against each other
-        return [], same, f"The sides' figures are not compared cell by cell: {err}"
+    compared, apart = [], []
+    for tag in [f.tag for f in drawn[0] if f.tag not in same]:
+        one = [Group(g.label, [[f for f in run if f.tag == tag] for run in g.figures], g.jackknife_dof) for g in groups]
+        try:
+            compared += compare_groups(*one, alpha)
+        except ValueError as err:  # rows of other layers (a block without skip connection left out, say)
+            apart.append(f"{tag} ({err})")
+    note = f"These figures are not compared cell by cell: {'; '.join(apart)}" if apart else ""
+    return compared, same, note
 
 
 def _identical(figures: list[Figure]) -> bool:

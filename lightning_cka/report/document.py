@@ -183,7 +183,7 @@ def layout(report: Report, pictures: Pictures | None = None) -> list[Block]:
 
 
 def _opening(report: Report) -> str:
-    runs = len(report.runs)
+    runs = sum(len(side.runs) for side in report.sides)  # the reference's own run is not one of them
     tally = ", ".join(f"{count} {verdict}" for verdict, count in report.tally().items() if count)
     sides = (
         f"{report.sides[0].label} against {report.sides[1].label}" if len(report.sides) == 2 else report.sides[0].label
