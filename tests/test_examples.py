@@ -1,7 +1,7 @@
 import importlib
 import json
-import re
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -160,7 +160,7 @@ def test_monitor_flags(flags, reference, reference_kwargs):
         assert monitor.reference is None
     else:
         assert (monitor.reference.model, monitor.reference.kwargs) == (reference, reference_kwargs)
-    assert (monitor.every_n_train_steps, monitor.sampler.size, monitor.batch_size) == (25, 256, 128)
+    assert (monitor.every_n_train_steps, monitor.sampler.size, monitor.batch_size) == (25, 256, 64)  # 4 minibatches
     assert monitor.log_images is ("--no-images" not in flags)
 
 

@@ -71,7 +71,9 @@ def test_the_thesis_path_runs_as_written_and_compares_with_the_trained_cnn(tmp_p
     assert (tmp_path / "report.html").stat().st_size > 0
     assert "thesis-cnn" in report and re.search(r"\b(shows|does not show|partly|cannot tell)\b", report)
     groups = tmp_path / "runs" / "small_vs_large"
-    assert {p.name for p in groups.iterdir() if p.is_dir()} >= {f"{s}-seed{k}" for s in ("small", "large") for k in (0, 1, 2)}
+    assert {p.name for p in groups.iterdir() if p.is_dir()} >= {
+        f"{s}-seed{k}" for s in ("small", "large") for k in (0, 1, 2)
+    }
     assert (groups / "report.html").stat().st_size > 0
     with np.load(sorted((groups / "large-seed2" / "version_0" / "cka").glob("step_*.npz"))[-1]) as probe:
         assert re.search(r"\btrained \(.*thesis-cnn", str(probe["reference_label"]))  # the same trained CNN
