@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from lightning_cka.figures.groups import Group, compare_groups
-from lightning_cka.figures.spec import Dots, Figure, Heatmap, Series
+from lightning_cka.figures.spec import Curves, Dots, Figure, Heatmap, Series
 
 st = pytest.importorskip("scipy.stats")
 NAMES = tuple(f"blocks.{i}" for i in range(4))
@@ -146,3 +146,19 @@ def test_runs_with_other_layers_are_refused():
     other = [Figure("cka/intra", "CKA", (Heatmap(np.eye(3), NAMES[:3], NAMES[:3]),))]
     with pytest.raises(ValueError, match="monitor different layers"):
         compare_groups(Group("A", [heatmap_figure(np.eye(4))], [2]), Group("B", [other], [2]))
+
+
+def test_curves_only_some_runs_draw_are_left_out_and_the_shared_ones_averaged():
+    # A CLS-token model draws a class-token curve beside the patch tokens'; a pooled model only the latter.
+    def curves(*series):
+        return [Figure("residual/norm_ratio", "ratio", (Curves(NAMES, tuple(series)),))]
+
+    cls = [curves(Series("class token", np.full(4, v)), Series("patch tokens", np.full(4, 2 * v))) for v in (1, 3)]
+    pooled = [curves(Series("patch tokens", np.full(4, v))) for v in (5, 7)]
+    (figure,) = compare_groups(Group("CLS", cls, [4, 4]), Group("GAP", pooled, [4, 4]))
+    (panel,) = figure.panels
+    assert [s.label for s in panel.series] == ["CLS: patch tokens", "GAP: patch tokens"]
+    assert panel.series[0].values.tolist() == [4.0] * 4 and panel.series[1].values.tolist() == [6.0] * 4
+    np.testing.assert_allclose(panel.series[1].error, np.std([5.0, 7.0], ddof=1))
+    with pytest.raises(ValueError, match="draw different curves"):
+        compare_groups(Group("A", [curves(Series("class token", np.ones(4)))], [4]), Group("B", pooled, [4, 4]))

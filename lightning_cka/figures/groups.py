@@ -172,12 +172,17 @@ def _shared_ylim(panels: list[Dots]) -> tuple[float, float] | None:
 
 def _curves(pa: list[Curves], pb: list[Curves], a: Group, b: Group) -> Curves:
     first = pa[0]
+    # Curves by label, those every run drew: a CLS-token curve exists only for runs of a model with a CLS token.
+    shared = [s.label for s in first.series if all(s.label in {t.label for t in p.series} for p in (*pa, *pb))]
+    if not shared:
+        raise ValueError(f"the runs of {a.label} and {b.label} draw different curves in {first.title!r}.")
     series = []
-    for i, original in enumerate(first.series):
+    for name in shared:
         for ps, g in ((pa, a), (pb, b)):
-            stack = np.stack([p.series[i].values for p in ps])
-            spread = stack.std(axis=0, ddof=1) if len(ps) > 1 else ps[0].series[i].error
-            label = f"{g.label}: {original.label}" if original.label else g.label
+            own = [next(s for s in p.series if s.label == name) for p in ps]
+            stack = np.stack([s.values for s in own])
+            spread = stack.std(axis=0, ddof=1) if len(ps) > 1 else own[0].error
+            label = f"{g.label}: {name}" if name else g.label
             series.append(Series(label, stack.mean(axis=0), spread))
     return Curves(first.x, tuple(series), first.x_label, first.y_label, first.title, _lines(pa, pb), first.ylim)
 
