@@ -148,7 +148,7 @@ def test_runs_with_other_layers_are_refused():
         compare_groups(Group("A", [heatmap_figure(np.eye(4))], [2]), Group("B", [other], [2]))
 
 
-def test_curves_only_some_runs_draw_are_left_out_and_the_shared_ones_averaged():
+def test_a_side_shows_the_curves_all_its_runs_drew():
     # A CLS-token model draws a class-token curve beside the patch tokens'; a pooled model only the latter.
     def curves(*series):
         return [Figure("residual/norm_ratio", "ratio", (Curves(NAMES, tuple(series)),))]
@@ -157,8 +157,12 @@ def test_curves_only_some_runs_draw_are_left_out_and_the_shared_ones_averaged():
     pooled = [curves(Series("patch tokens", np.full(4, v))) for v in (5, 7)]
     (figure,) = compare_groups(Group("CLS", cls, [4, 4]), Group("GAP", pooled, [4, 4]))
     (panel,) = figure.panels
-    assert [s.label for s in panel.series] == ["CLS: patch tokens", "GAP: patch tokens"]
-    assert panel.series[0].values.tolist() == [4.0] * 4 and panel.series[1].values.tolist() == [6.0] * 4
-    np.testing.assert_allclose(panel.series[1].error, np.std([5.0, 7.0], ddof=1))
+    assert [s.label for s in panel.series] == ["CLS: class token", "CLS: patch tokens", "GAP: patch tokens"]
+    assert [s.values.tolist() for s in panel.series] == [[2.0] * 4, [4.0] * 4, [6.0] * 4]
+    np.testing.assert_allclose(panel.series[2].error, np.std([5.0, 7.0], ddof=1))
+    mixed = [cls[0], curves(Series("patch tokens", np.full(4, 9.0)))]  # a side shows only what all its runs drew
+    (figure,) = compare_groups(Group("A", mixed, [4, 4]), Group("GAP", pooled, [4, 4]))
+    assert [s.label for s in figure.panels[0].series] == ["A: patch tokens", "GAP: patch tokens"]
     with pytest.raises(ValueError, match="draw different curves"):
-        compare_groups(Group("A", [curves(Series("class token", np.ones(4)))], [4]), Group("B", pooled, [4, 4]))
+        one = [curves(Series("class token", np.ones(4))), pooled[0]]  # no curve that both runs of a side drew
+        compare_groups(Group("A", one, [4, 4]), Group("B", one, [4, 4]))

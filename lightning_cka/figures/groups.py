@@ -14,6 +14,7 @@ move a cell, not how much another seed would, and between two seeds of the same 
 caption says so and how many seeds would do.
 """
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -172,18 +173,20 @@ def _shared_ylim(panels: list[Dots]) -> tuple[float, float] | None:
 
 def _curves(pa: list[Curves], pb: list[Curves], a: Group, b: Group) -> Curves:
     first = pa[0]
-    # Curves by label, those every run drew: a CLS-token curve exists only for runs of a model with a CLS token.
-    shared = [s.label for s in first.series if all(s.label in {t.label for t in p.series} for p in (*pa, *pb))]
-    if not shared:
-        raise ValueError(f"the runs of {a.label} and {b.label} draw different curves in {first.title!r}.")
+    # Curves by label: a side shows the curves all of its runs drew (a class-token curve only where there is a CLS).
+    names = list(dict.fromkeys(s.label for p in (*pa, *pb) for s in p.series))
     series = []
-    for name in shared:
+    for name in names:
         for ps, g in ((pa, a), (pb, b)):
+            if not all(name in {s.label for s in p.series} for p in ps):
+                continue
             own = [next(s for s in p.series if s.label == name) for p in ps]
             stack = np.stack([s.values for s in own])
             spread = stack.std(axis=0, ddof=1) if len(ps) > 1 else own[0].error
             label = f"{g.label}: {name}" if name else g.label
             series.append(Series(label, stack.mean(axis=0), spread))
+    if not series:
+        raise ValueError(f"the runs of {a.label} and {b.label} draw different curves in {first.title!r}.")
     return Curves(first.x, tuple(series), first.x_label, first.y_label, first.title, _lines(pa, pb), first.ylim)
 
 
@@ -201,7 +204,9 @@ def _lines(pa: Sequence, pb: Sequence) -> tuple[Line, ...]:
     seen: dict[tuple, Line] = {}
     for panel in (*pa, *pb):
         for line in panel.lines:
-            seen.setdefault((round(line.value, 6), line.label, line.axis), line)
+            # Lines whose labels differ only in their numbers (each run's own chance level) are drawn once, the first
+            # run's: their labels would overprint each other; the report's tables give every run's value.
+            seen.setdefault((re.sub(r"-?[\d.]+", "#", line.label), line.axis), line)
     return tuple(seen.values())
 
 
