@@ -434,6 +434,13 @@ def test_decodability_rising_with_depth_and_where_the_class_is():
     assert finding(LinearProbe(), one(probe_probe(falling, "avg")), "linear_probe.depth").verdict == DOES_NOT
 
 
+def test_the_class_token_statement_of_several_seeds_gives_their_means():
+    tops = [(0.40, 0.40), (0.50, 0.30), (0.45, 0.35)]  # the first seed alone would read "0.400 and 0.400"
+    runs = [RunProbes(str(i), {0: probe_probe([[0.2, 0.2]] * 5 + [top], "token")}) for i, top in enumerate(tops)]
+    f = finding(LinearProbe(), Evidence([Side("A", runs)]), "linear_probe.cls_vs_pooled")
+    assert "class-token probe reaches 0.450 and the pooled-token probe 0.350 (mean of 3 runs)" in f.statement
+
+
 def test_a_collapsed_layer_is_found():
     ranks = np.array([20.0, 18.0, 1.4, 15.0, 14.0, 12.0])
     f = finding(EffectiveRank(), one(vit_probe(effective_rank=ranks)), "rank.no_collapse")

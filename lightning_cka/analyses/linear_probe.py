@@ -363,9 +363,11 @@ def _cls_vs_pooled(analysis: LinearProbe, side: Side, evidence: Evidence) -> Fin
     gap = side_estimate(side, difference)
     what = f"accuracy of the class token minus the pooled tokens at {first.layers[-1]}"
     pool = str(first.settings_dict().get("pool") or "")
+    tops = np.array([_accuracy(result)[-1] for result in side.last])  # (runs, 2): class token, pooled tokens
+    runs = f" (mean of {len(tops)} runs)" if len(tops) > 1 else ""
     statement = (
-        f"At {first.layers[-1]} the class-token probe reaches {accuracy[-1, 0]:.3f} and the pooled-token probe "
-        f"{accuracy[-1, 1]:.3f} ({what}: {gap.text()})."
+        f"At {first.layers[-1]} the class-token probe reaches {tops[:, 0].mean():.3f} and the pooled-token probe "
+        f"{tops[:, 1].mean():.3f}{runs} ({what}: {gap.text()})."
     )
     numbers = [(what, gap.text(basis=True))]
     figures = figures_of(analysis, first, ("linear_probe/accuracy",), View(run=first.run or side.label))
