@@ -4,34 +4,19 @@ import reference as ref
 import timm
 import torch
 import torch.nn.functional as F
+from attention_taps import Collect, tapped
 
 from lightning_cka import MeanAttentionDistance, compare_models
 from lightning_cka.analyses import AttentionStats
 from lightning_cka.engine.engine import ProbeBatch, ProbeEngine
 from lightning_cka.engine.models import ProbedModel
 from lightning_cka.functional import mean_attention_distance, patch_distances
-from lightning_cka.taps.attention import AttentionSite, AttentionTap, attention_sites
-from lightning_cka.taps.base import TapSet
-from lightning_cka.taps.layers import named_modules
+from lightning_cka.taps.attention import AttentionSite
 
 
 def grid_mean_pairwise_distance(gh, gw, patch):
     coords = [(r, c) for r in range(gh) for c in range(gw)]
     return patch * np.mean([np.hypot(a[0] - b[0], a[1] - b[1]) for a in coords for b in coords])
-
-
-class Collect(AttentionTap):
-    """Keeps every chunk of probabilities the tap hands over."""
-
-    def __init__(self, sites):
-        super().__init__(sites)
-        self.maps = {}
-
-    def consume(self, layer, probs, distances):
-        self.maps.setdefault(layer, []).append(probs.clone())
-
-    def collect(self):
-        return None
 
 
 def manual_attention_maps(model, inputs):
@@ -51,11 +36,9 @@ def manual_attention_maps(model, inputs):
 
 
 def tapped_attention_maps(model, inputs):
-    modules = named_modules(model)
-    tap = Collect(attention_sites(modules))
-    with TapSet(model, modules, [tap]):
-        model(inputs)
-    return [torch.cat(tap.maps[i]) for i in range(len(model.blocks))]
+    _, maps, _ = tapped(model, inputs)
+    assert len(maps) == len(model.blocks)
+    return maps
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"qk_norm": True}, {"class_token": False, "global_pool": "avg"}])

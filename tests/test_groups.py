@@ -41,9 +41,9 @@ def test_group_difference_marks_exactly_the_cells_welch_and_bh_reject():
     shifted[0, 1] -= 0.2  # one real difference
     runs_a = [base + 0.01 * rng.standard_normal((4, 4)) for _ in range(4)]
     runs_b = [shifted + 0.01 * rng.standard_normal((4, 4)) for _ in range(3)]
-    a = Group("A", [heatmap_figure(v) for v in runs_a], [4] * 4)
-    b = Group("B", [heatmap_figure(v) for v in runs_b], [4] * 3)
-    (figure,) = compare_groups(a, b, alpha=0.05)
+    a = Group("A", [heatmap_figure(v) for v in runs_a])
+    b = Group("B", [heatmap_figure(v) for v in runs_b])
+    (figure,), _ = compare_groups(a, b, alpha=0.05)
     mean_a, _, diff = figure.panels
     np.testing.assert_allclose(mean_a.values, np.mean(runs_a, axis=0))
     np.testing.assert_allclose(diff.values, np.mean(runs_a, axis=0) - np.mean(runs_b, axis=0))
@@ -61,9 +61,9 @@ def test_group_difference_marks_exactly_the_cells_welch_and_bh_reject():
 
 def test_one_run_a_side_marks_nothing_and_says_so():
     # Two seeds of one setup: their difference (0.05) is 5 jackknife errors, which is no evidence between runs.
-    a = Group("A", [heatmap_figure(np.full((4, 4), 0.8), np.full((4, 4), 0.01))], [8])
-    b = Group("B", [heatmap_figure(np.full((4, 4), 0.75), np.full((4, 4), 0.01))], [8])
-    (figure,) = compare_groups(a, b)
+    a = Group("A", [heatmap_figure(np.full((4, 4), 0.8), np.full((4, 4), 0.01))])
+    b = Group("B", [heatmap_figure(np.full((4, 4), 0.75), np.full((4, 4), 0.01))])
+    (figure,), _ = compare_groups(a, b)
     diff = figure.panels[2]
     assert diff.marked is None and diff.mark_label == ""
     np.testing.assert_allclose(diff.values, 0.05)
@@ -73,8 +73,8 @@ def test_one_run_a_side_marks_nothing_and_says_so():
     )
     assert "jackknife" not in figure.caption and "Welch" not in figure.caption
     # one run on one side only: the same
-    three = Group("B", [heatmap_figure(np.full((4, 4), 0.75) + 0.001 * i) for i in range(3)], [8] * 3)
-    (figure,) = compare_groups(a, three)
+    three = Group("B", [heatmap_figure(np.full((4, 4), 0.75) + 0.001 * i) for i in range(3)])
+    (figure,), _ = compare_groups(a, three)
     assert figure.panels[2].marked is None and "One run of A: seed variation unknown" in figure.caption
 
 
@@ -87,16 +87,16 @@ def test_a_planted_difference_on_the_diagonal_of_a_same_architecture_reference_i
     runs_b = [shifted + 0.01 * rng.standard_normal((4, 4)) for _ in range(3)]
 
     def side(label, runs):
-        return Group(label, [heatmap_figure(v, joint=False, tag="cka/reference") for v in runs], [8] * 3)
+        return Group(label, [heatmap_figure(v, joint=False, tag="cka/reference") for v in runs])
 
-    (figure,) = compare_groups(side("A", runs_a), side("B", runs_b))
+    (figure,), _ = compare_groups(side("A", runs_a), side("B", runs_b))
     diff = figure.panels[2]
     expected = scipy_marks(runs_a, runs_b)
     np.testing.assert_array_equal(diff.marked, expected)
     assert diff.marked[2, 2] and diff.marked.sum() == 1
     # The same matrices as a model's layers with themselves: the diagonal is not tested.
-    joint = [Group(g, [heatmap_figure(v) for v in runs], [8] * 3) for g, runs in (("A", runs_a), ("B", runs_b))]
-    (figure,) = compare_groups(*joint)
+    joint = [Group(g, [heatmap_figure(v) for v in runs]) for g, runs in (("A", runs_a), ("B", runs_b))]
+    (figure,), _ = compare_groups(*joint)
     np.testing.assert_array_equal(figure.panels[2].marked, scipy_marks(runs_a, runs_b, skip_diagonal=True))
     assert not figure.panels[2].marked[2, 2]
 
@@ -108,9 +108,9 @@ def test_groups_from_the_same_distribution_mark_few_cells():
     for _ in range(40):
         runs_a = [base + 0.02 * rng.standard_normal((4, 4)) for _ in range(3)]
         runs_b = [base + 0.02 * rng.standard_normal((4, 4)) for _ in range(3)]
-        a = Group("A", [heatmap_figure(v, joint=False) for v in runs_a], [8] * 3)
-        b = Group("B", [heatmap_figure(v, joint=False) for v in runs_b], [8] * 3)
-        (figure,) = compare_groups(a, b, alpha=0.05)
+        a = Group("A", [heatmap_figure(v, joint=False) for v in runs_a])
+        b = Group("B", [heatmap_figure(v, joint=False) for v in runs_b])
+        (figure,), _ = compare_groups(a, b, alpha=0.05)
         np.testing.assert_array_equal(figure.panels[2].marked, scipy_marks(runs_a, runs_b))
         any_marked += bool(figure.panels[2].marked.any())
     assert any_marked <= 6  # BH under the global null: P(any mark) <= 5 %, so about 2 of 40
@@ -135,8 +135,8 @@ def test_dots_pool_the_heads_of_every_run_and_give_per_layer_spread():
         return [Figure("attention/mean_distance", "d", (Dots(NAMES, (Series("", values),)),))]
 
     runs = [np.full((4, 2), 10.0), np.full((4, 2), 12.0)]
-    group = Group("A", [dots(v) for v in runs], [4, 4])
-    (figure,) = compare_groups(group, Group("B", [dots(np.full((4, 2), 5.0))], [4]))
+    group = Group("A", [dots(v) for v in runs])
+    (figure,), _ = compare_groups(group, Group("B", [dots(np.full((4, 2), 5.0))]))
     pooled, means = figure.panels
     assert pooled.series[0].values.shape == (4, 4) and means.series[0].values.tolist() == [11.0] * 4
     np.testing.assert_allclose(means.series[0].error, np.std([10.0, 12.0], ddof=1))
@@ -145,7 +145,19 @@ def test_dots_pool_the_heads_of_every_run_and_give_per_layer_spread():
 def test_runs_with_other_layers_are_refused():
     other = [Figure("cka/intra", "CKA", (Heatmap(np.eye(3), NAMES[:3], NAMES[:3]),))]
     with pytest.raises(ValueError, match="monitor different layers"):
-        compare_groups(Group("A", [heatmap_figure(np.eye(4))], [2]), Group("B", [other], [2]))
+        compare_groups(Group("A", [heatmap_figure(np.eye(4))]), Group("B", [other]))
+
+
+def test_a_figure_with_other_rows_is_left_out_and_the_others_are_compared():
+    # A ViT without the skip connections of one block: its skip-ratio figure has one block fewer, its CKA does not.
+    def run(blocks, value):
+        ratios = Figure("residual/norm_ratio", "ratio", (Curves(NAMES[:blocks], (Series("", np.ones(blocks)),)),))
+        return [*heatmap_figure(np.full((4, 4), value)), ratios]
+
+    figures, apart = compare_groups(Group("no skip", [run(3, 0.6), run(3, 0.7)]), Group("intact", [run(4, 0.9)] * 2))
+    assert [f.tag for f in figures] == ["cka/intra"] and list(apart) == ["residual/norm_ratio"]
+    assert "monitor different layers (3: " in apart["residual/norm_ratio"]
+    np.testing.assert_allclose(figures[0].panels[0].values, 0.65)  # the no-skip side's mean, from its two runs
 
 
 def test_a_side_shows_the_curves_all_its_runs_drew():
@@ -155,14 +167,14 @@ def test_a_side_shows_the_curves_all_its_runs_drew():
 
     cls = [curves(Series("class token", np.full(4, v)), Series("patch tokens", np.full(4, 2 * v))) for v in (1, 3)]
     pooled = [curves(Series("patch tokens", np.full(4, v))) for v in (5, 7)]
-    (figure,) = compare_groups(Group("CLS", cls, [4, 4]), Group("GAP", pooled, [4, 4]))
+    (figure,), _ = compare_groups(Group("CLS", cls), Group("GAP", pooled))
     (panel,) = figure.panels
     assert [s.label for s in panel.series] == ["CLS: class token", "CLS: patch tokens", "GAP: patch tokens"]
     assert [s.values.tolist() for s in panel.series] == [[2.0] * 4, [4.0] * 4, [6.0] * 4]
     np.testing.assert_allclose(panel.series[2].error, np.std([5.0, 7.0], ddof=1))
     mixed = [cls[0], curves(Series("patch tokens", np.full(4, 9.0)))]  # a side shows only what all its runs drew
-    (figure,) = compare_groups(Group("A", mixed, [4, 4]), Group("GAP", pooled, [4, 4]))
+    (figure,), _ = compare_groups(Group("A", mixed), Group("GAP", pooled))
     assert [s.label for s in figure.panels[0].series] == ["A: patch tokens", "GAP: patch tokens"]
     with pytest.raises(ValueError, match="draw different curves"):
         one = [curves(Series("class token", np.ones(4))), pooled[0]]  # no curve that both runs of a side drew
-        compare_groups(Group("A", one, [4, 4]), Group("B", one, [4, 4]))
+        compare_groups(Group("A", one), Group("B", one))

@@ -14,11 +14,12 @@ import pytest
 import reference as ref
 import torch
 import torch.nn.functional as F
+from attention_taps import randomize_position_bias, tapped
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_cka import compare_models, find_layers
 from lightning_cka.engine.models import ProbedModel
-from lightning_cka.taps.attention import AttentionTap, attention_sites
+from lightning_cka.taps.attention import attention_sites
 from lightning_cka.taps.base import TapSet
 from lightning_cka.taps.grams import token_layout
 from lightning_cka.taps.heads import HeadGrams, head_dim
@@ -75,38 +76,11 @@ def build(family, attn_implementation=None, seed=0):
     if attn_implementation is not None:
         config = {**config, "attn_implementation": attn_implementation}
     torch.manual_seed(seed)
-    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**config)).eval()
-    with torch.no_grad():  # Swin's relative position bias tables start at zero: make them matter
-        for name, param in model.named_parameters():
-            if "relative_position_bias_table" in name:
-                param.normal_(0.0, 1.0)
-    return model
+    return randomize_position_bias(getattr(transformers, model_cls)(getattr(transformers, config_cls)(**config)).eval())
 
 
 def images(n=8, size=32, seed=1):
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-class Collect(AttentionTap):
-    """Keeps every chunk of probabilities the tap hands over."""
-
-    def __init__(self, sites):
-        super().__init__(sites)
-        self.maps = {}
-
-    def consume(self, layer, probs, distances):
-        self.maps.setdefault(layer, []).append(probs.clone())
-
-    def collect(self):
-        return None
-
-
-def tapped(model, x):
-    modules = named_modules(model)
-    tap = Collect(attention_sites(modules))
-    with TapSet(model, modules, [tap]):
-        out = model(x)
-    return tap, [torch.cat(tap.maps[i]) for i in range(len(tap.sites))], out
 
 
 def eager_weights(model, sites, x):

@@ -5,6 +5,7 @@ import torch
 
 from lightning_cka import MinibatchCKA
 from lightning_cka.functional import gram
+from lightning_cka.functional.hsic import ShiftPermutations
 
 
 def batches(rng, num_batches, n, shapes):
@@ -190,9 +191,13 @@ def test_null_products_are_the_hsic_of_shuffled_pairings(rng):
     np.testing.assert_allclose(metric.null.numpy(), null, rtol=1e-7, atol=1e-12)
 
 
-def test_null_threshold_is_calibrated_for_independent_layers():
+@pytest.mark.parametrize(
+    ("n", "seed", "kind"),
+    [(16, 3, list), (24, 4, ShiftPermutations)],  # below 20 examples uniform permutations, from 20 on shifts
+)
+def test_null_threshold_is_calibrated_for_independent_layers(n, seed, kind):
     """Independent random layers: the fraction of cells above the 19-permutation threshold is near 5%."""
-    g = torch.Generator().manual_seed(3)
+    g = torch.Generator().manual_seed(seed)
     exceed, cells = 0, 0
     for _ in range(40):
         metric = MinibatchCKA(
@@ -203,9 +208,10 @@ def test_null_threshold_is_calibrated_for_independent_layers():
             seed=int(torch.randint(0, 10**6, (1,), generator=g)),
         )
         for i in range(3):
-            xs = [torch.randn(16, 5, generator=g, dtype=torch.float64) for _ in range(4)]
-            ys = [torch.randn(16, 5, generator=g, dtype=torch.float64) for _ in range(4)]
+            xs = [torch.randn(n, 5, generator=g, dtype=torch.float64) for _ in range(4)]
+            ys = [torch.randn(n, 5, generator=g, dtype=torch.float64) for _ in range(4)]
             metric.update(xs, ys, index=i)
+        assert isinstance(metric._permutations(0, n, torch.device("cpu")), kind)
         value = metric.compute()
         exceed += int((value.abs() > metric.estimate.null).sum())
         cells += value.numel()

@@ -8,13 +8,13 @@ import pytest
 import reference as ref
 import torch
 import torch.nn.functional as F
+from attention_taps import randomize_position_bias, tapped
 from torch import nn
 
 from lightning_cka import compare_models
 from lightning_cka.engine.models import ProbedModel
-from lightning_cka.taps.attention import AttentionTap, attention_sites
+from lightning_cka.taps.attention import attention_sites
 from lightning_cka.taps.attention_capture import head_outputs
-from lightning_cka.taps.base import TapSet
 from lightning_cka.taps.layers import named_modules
 from lightning_cka.taps.residual import NO_SKIP, locate_branches, residual_sites
 
@@ -36,35 +36,11 @@ def swin(block=None):
     model = swin_transformer.SwinTransformer(
         patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=[4, 4], num_classes=4, **kwargs
     ).eval()
-    with torch.no_grad():  # the relative position bias tables start near zero: make them matter
-        for name, param in model.named_parameters():
-            if "relative_position_bias_table" in name:
-                param.normal_(0.0, 1.0)
-    return model
+    return randomize_position_bias(model)
 
 
 def images(n=4, size=32, seed=1):
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-class Collect(AttentionTap):
-    def __init__(self, sites):
-        super().__init__(sites)
-        self.maps = {}
-
-    def consume(self, layer, probs, distances):
-        self.maps.setdefault(layer, []).append(probs.clone())
-
-    def collect(self):
-        return None
-
-
-def tapped(model, x):
-    modules = named_modules(model)
-    tap = Collect(attention_sites(modules))
-    with TapSet(model, modules, [tap]):
-        out = model(x)
-    return tap, [torch.cat(tap.maps[i]) for i in range(len(tap.sites)) if i in tap.maps], out
 
 
 def mha_weights(model, x):

@@ -95,11 +95,13 @@ def compare(specs_a: list[str], specs_b: list[str], args: argparse.Namespace) ->
         figures = [p.figures(None, v) for p, v in zip(probes, views, strict=True)]
         groups.append(Group(label, figures))
     try:
-        figures = compare_groups(*groups, alpha=args.alpha, note=note)
+        figures, apart = compare_groups(*groups, alpha=args.alpha, note=note)
     except ValueError as err:
         raise CLIError(str(err)) from err
     written = _write(figures, args.out, args.format)
     print("\n".join(compare_lines(probes_a, probes_b, labels, runs_a, runs_b, args.local_threshold, note)))
+    for tag, reason in apart.items():
+        print(f"{tag} is not drawn: {reason}")
     print(f"\nwrote {', '.join(str(path) for path in written)}")
 
 

@@ -16,7 +16,7 @@ caption says so and how many seeds would do.
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -33,14 +33,11 @@ class Group:
 
     Attributes:
         label: how figures name the side.
-        figures: per run, its figures at the compared step.
-        jackknife_dof: per run, its jackknife degrees of freedom (minibatches - 1); no statistic uses it any more
-            (the tests take the runs as samples), kept so that callers that pass it go on working.
+        figures: per run, its figures at the compared step (the tests take the runs as samples).
     """
 
     label: str
     figures: list[list[Figure]]
-    jackknife_dof: list[int] = field(default_factory=list)
 
     @property
     def runs(self) -> int:
@@ -48,8 +45,11 @@ class Group:
         return len(self.figures)
 
 
-def compare_groups(a: Group, b: Group, alpha: float = 0.05, note: str = "") -> list[Figure]:
+def compare_groups(a: Group, b: Group, alpha: float = 0.05, note: str = "") -> tuple[list[Figure], dict[str, str]]:
     """One comparison figure per figure tag that every run of both groups has.
+
+    A figure whose runs have other rows, columns or x positions (a block without skip connection left out of one
+    side's skip ratios, say) cannot be set cell by cell against the other side's; it is left out, the others are kept.
 
     Args:
         a: side A.
@@ -57,24 +57,34 @@ def compare_groups(a: Group, b: Group, alpha: float = 0.05, note: str = "") -> l
         alpha: false discovery rate of the marked differences.
         note: added to every caption (e.g. that the runs probed different images).
 
+    Returns:
+        The comparison figures, and the tags left out with the reason.
+
     Raises:
-        ValueError: runs whose figures have other layers (rows, columns or x positions) than the first run's.
+        ValueError: no figure can be compared: the runs have other layers in every one.
     """
     tags = [f.tag for f in a.figures[0]]
     for runs in (a.figures, b.figures):
         for figures in runs:
             tags = [t for t in tags if t in {f.tag for f in figures}]
-    out = []
+    out, apart = [], {}
     for tag in tags:
         per_run_a = [next(f for f in figures if f.tag == tag) for figures in a.figures]
         per_run_b = [next(f for f in figures if f.tag == tag) for figures in b.figures]
         panels = []
-        for i in range(len(per_run_a[0].panels)):
-            panels += _compare_panels([f.panels[i] for f in per_run_a], [f.panels[i] for f in per_run_b], a, b, alpha)
+        try:
+            for i in range(len(per_run_a[0].panels)):
+                pa, pb = [f.panels[i] for f in per_run_a], [f.panels[i] for f in per_run_b]
+                panels += _compare_panels(pa, pb, a, b, alpha)
+        except ValueError as err:
+            apart[tag] = str(err)
+            continue
         caption = " ".join(p for p in (_caption(per_run_a[0], a, b, alpha), note) if p)
         title = f"{per_run_a[0].title}: {a.label} vs {b.label}"
         out.append(Figure(tag, title, tuple(panels), caption, _subtitle(per_run_a[0], per_run_b[0], a, b)))
-    return out
+    if apart and not out:
+        raise ValueError(next(iter(apart.values())))
+    return out, apart
 
 
 def _compare_panels(pa: list, pb: list, a: Group, b: Group, alpha: float) -> list:

@@ -217,19 +217,16 @@ def _comparisons(a: Side, b: Side, alpha: float) -> tuple[list[Figure], set[str]
     groups, drawn = [], []
     for side in (a, b):
         figures = [run.last.figures(None, View(run=run.label)) for run in side.runs]
-        dofs = [int(run.last.get("num_minibatches") or 0) for run in side.runs]
-        groups.append(Group(side.label, figures, dofs))
+        groups.append(Group(side.label, figures))
         drawn += figures
     same = {tag for tag in {f.tag for f in drawn[0]} if _identical([f for run in drawn for f in run if f.tag == tag])}
-    compared, apart = [], []
-    for tag in [f.tag for f in drawn[0] if f.tag not in same]:
-        one = [Group(g.label, [[f for f in run if f.tag == tag] for run in g.figures], g.jackknife_dof) for g in groups]
-        try:
-            compared += compare_groups(*one, alpha)
-        except ValueError as err:  # rows of other layers (a block without skip connection left out, say)
-            apart.append(f"{tag} ({err})")
+    try:
+        compared, apart = compare_groups(groups[0], groups[1], alpha)
+    except ValueError as err:  # runs of other layers in every figure
+        return [], same, f"The sides' figures are not compared cell by cell: {err}"
+    apart = [f"{tag} ({reason})" for tag, reason in apart.items() if tag not in same]
     note = f"These figures are not compared cell by cell: {'; '.join(apart)}" if apart else ""
-    return compared, same, note
+    return [figure for figure in compared if figure.tag not in same], same, note
 
 
 def _identical(figures: list[Figure]) -> bool:
